@@ -1,0 +1,202 @@
+"""nr: native-resolution latent diffusion, from an image folder to samples.
+
+The commands parse options, call library functions and print. Heavy imports (torch, ray,
+diffusers) stay inside the commands that need them so that `nr --help` answers at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="nr",
+    help="Native-resolution latent diffusion: encode images into a latent catalog, pack, train, sample.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+catalog_app = typer.Typer(help="Inspect and check a latent catalog (manifest + Parquet index + Arrow shards).",
+                          no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+console = Console()
+err_console = Console(stderr=True)
+
+CatalogPath = Annotated[Path, typer.Argument(help="Catalog folder (holds manifest.json).", exists=True,
+                                             file_okay=False, show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from nrdata.version import code_version
+
+        console.print(f"nr {code_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """nr: native-resolution latent diffusion toolkit."""
+
+
+def _open_catalog(path: Path):
+    from nrdata.catalog import Catalog, ManifestError
+
+    try:
+        return Catalog(path)
+    except ManifestError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def doctor() -> None:
+    """Versions of torch, CUDA, ray, diffusers, flash-attn, and the devices and attention backend a run will use."""
+    from nrtrain.environment import environment_report
+
+    table = Table(show_header=False, box=None)
+    bad = 0
+    for check in environment_report():
+        mark = "[green]ok[/green]" if check.ok else "[red]missing[/red]"
+        bad += not check.ok
+        table.add_row(mark, check.name, check.value, f"[dim]{check.hint}[/dim]")
+    console.print(table)
+    if bad:
+        raise typer.Exit(1)
+
+
+# -- nr catalog ------------------------------------------------------------------------------
+
+@catalog_app.command("info")
+def catalog_info(path: CatalogPath) -> None:
+    """What the catalog holds and how it was made (encoder, dtype, policies, flips, normalisation)."""
+    from nrdata.catalog.inspect import describe
+
+    facts = describe(_open_catalog(path))
+    table = Table(show_header=False, box=None, title=f"catalog {facts['path']}", title_justify="left")
+    for key in ("fingerprint", "content_fingerprint", "encoder", "factor", "channels", "stored_quantity", "dtype",
+                "flip", "normalization", "source_root", "code_version", "created"):
+        table.add_row(key.replace("_", " "), str(facts[key]))
+    for policy in facts["policies"]:
+        params = ", ".join(f"{k}={v}" for k, v in policy.items() if k not in ("variant", "kind") and v is not None)
+        table.add_row(f"variant {policy['variant']}", f"{policy['kind']} ({params})")
+    table.add_row("rows", f"{facts['rows']:,}")
+    for row in facts["rows_per_variant"]:
+        table.add_row(f"  {row['variant']}", f"{row['rows']:,} rows, {row['latent_pixels']:,} latent pixels")
+    table.add_row("shards", str(facts["shards"]))
+    table.add_row("errors", str(facts["errors"]))
+    table.add_row("on disk", f"{facts['disk_bytes'] / 2**20:,.1f} MiB")
+    console.print(table)
+    console.print(f"[dim]open the index with: polars.scan_parquet('{facts['path']}/index/*.parquet')[/dim]")
+
+
+@catalog_app.command("head")
+def catalog_head(
+    path: CatalogPath,
+    n: Annotated[int, typer.Option("-n", help="Rows to show.")] = 10,
+    variant: Annotated[Optional[str], typer.Option(help="Only rows of this variant.")] = None,
+) -> None:
+    """The first rows of the index (the main columns; polars.scan_parquet shows them all)."""
+    from nrdata.catalog.inspect import head
+
+    frame = head(_open_catalog(path), n, variant)
+    table = Table("row", "key", "variant", "label", "class", "original w×h", "image w×h", "latent c×h×w", "flip")
+    for r in frame.iter_rows(named=True):
+        table.add_row(str(r["row_id"]), r["key"], r["variant"], str(r["label"]), r["class_name"] or "",
+                      f"{r['orig_w']}×{r['orig_h']}", f"{r['image_w']}×{r['image_h']}",
+                      f"{r['latent_c']}×{r['latent_h']}×{r['latent_w']}", "yes" if r["flip"] else "no")
+    console.print(table)
+
+
+@catalog_app.command("stats")
+def catalog_stats(
+    path: CatalogPath,
+    variant: Annotated[Optional[str], typer.Option(help="Only rows of this variant.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Also draw the sizes and aspect ratios into this PNG.")] = None,
+) -> None:
+    """Histograms of latent sizes and aspect ratios, as text (and a PNG on request)."""
+    from nrdata.catalog.inspect import plot_size_histograms, size_histograms
+
+    cat = _open_catalog(path)
+    hists = size_histograms(cat, variant)
+    if not hists:
+        console.print("no rows")
+    for hist in hists:
+        top = max(hist.counts) or 1
+        table = Table(title=hist.title, title_justify="left", box=None)
+        table.add_column("bin", justify="right")
+        table.add_column("rows", justify="right")
+        table.add_column("")
+        for label, count in zip(hist.labels, hist.counts):
+            table.add_row(label, f"{count:,}", "█" * max(int(40 * count / top), 1 if count else 0))
+        console.print(table)
+    norm = cat.manifest.normalization
+    if norm.ready:
+        table = Table(title=f"per-channel normalisation ({norm.convention})", title_justify="left", box=None)
+        for name in ("channel", "mean", "std"):
+            table.add_column(name, justify="right")
+        for i, (mean, std) in enumerate(zip(norm.mean, norm.std)):
+            table.add_row(str(i), f"{mean:+.4f}", f"{std:.4f}")
+        console.print(table)
+    if png:
+        console.print(f"wrote {plot_size_histograms(cat, png)}")
+
+
+@catalog_app.command("validate")
+def catalog_validate(
+    path: CatalogPath,
+    quick: Annotated[bool, typer.Option(help="Check structure only; skip hashing the latent bytes.")] = False,
+) -> None:
+    """Check manifest, index, shards and checksums against each other. Exit code 1 when anything is wrong."""
+    from rich.progress import Progress
+
+    from nrdata.catalog import validate_catalog
+
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("validating shards", total=None)
+        report = validate_catalog(path, checksums=not quick,
+                                  progress=lambda done, total: progress.update(task, completed=done, total=total))
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    summary = (f"{report.rows:,} rows in {report.shards} shards, {report.errors} error rows, "
+               f"{report.bytes_checked / 2**20:,.1f} MiB hashed")
+    if not report.ok:
+        console.print(f"[red]INVALID[/red] {path}: {len(report.problems)} problem(s); {summary}")
+        raise typer.Exit(1)
+    console.print(f"[green]valid[/green] {path}: {summary}")
+
+
+@catalog_app.command("errors")
+def catalog_errors(
+    path: CatalogPath,
+    n: Annotated[int, typer.Option("-n", help="Rows to show (0 = all).")] = 50,
+    include_resolved: Annotated[bool, typer.Option("--all", help="Include errors a later run fixed.")] = False,
+) -> None:
+    """Rows that failed (key, variant, stage, message), for example unreadable images."""
+    errors = _open_catalog(path).errors(include_resolved=include_resolved)
+    if errors.num_rows == 0:
+        console.print("no errors")
+        return
+    rows = errors.to_pylist()
+    table = Table("key", "variant", "stage", "message", title=f"{len(rows)} error row(s)", title_justify="left")
+    for row in rows[: n or None]:
+        table.add_row(row["key"], row["variant"] or "", row["stage"], row["message"])
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
