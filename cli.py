@@ -25,7 +25,7 @@ catalog_app = typer.Typer(help="Inspect and check a latent catalog (manifest + P
 app.add_typer(catalog_app, name="catalog")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
 
 CatalogPath = Annotated[Path, typer.Argument(help="Catalog folder (holds manifest.json).", exists=True,
                                              file_okay=False, show_default=False)]
@@ -70,6 +70,66 @@ def doctor() -> None:
         table.add_row(mark, check.name, check.value, f"[dim]{check.hint}[/dim]")
     console.print(table)
     if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo images, catalog and plots.")] = Path("nr-demo"),
+    per_class: Annotated[int, typer.Option(help="Images per class.")] = 40,
+    seed: Annotated[int, typer.Option(help="Seed of the generated images.")] = 0,
+) -> None:
+    """The journey on built-in data: generate shape images of many sizes and aspect ratios (and a few
+    broken files), encode them at native resolution into a catalog, validate it and plot its sizes.
+
+    Re-running resumes: rows already in the catalog are skipped.
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nrdata.catalog import Catalog, CatalogWriter, validate_catalog
+    from nrdata.catalog.inspect import plot_size_histograms
+    from nrdata.demo_data import write_demo_images
+    from nrdata.encoders import PixelEncoder
+    from nrdata.encoding import catalog_manifest, encode_locally
+    from nrdata.policies import parse_policy
+    from nrdata.sources import list_image_folder
+
+    start = time.perf_counter()
+    images = write_demo_images(out / "images", per_class=per_class, seed=seed)
+    console.print(f"[bold]1. images[/bold]  {images.images} shapes in {len(images.classes)} classes "
+                  f"+ {images.bad_files} broken files -> {images.root}")
+
+    encoder = PixelEncoder(factor=8)
+    unit = encoder.info.factor
+    policies = [parse_policy("native", unit=unit), parse_policy("64", unit=unit)]
+    items = list_image_folder(images.root)
+    manifest = catalog_manifest(encoder, policies, flip=True, source_root=str(images.root.resolve()),
+                                notes={"made_by": "nr demo"})
+    catalog_path = out / "catalog"
+    with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("encode", total=len(items))
+        with CatalogWriter(catalog_path, manifest) as writer:
+            summary = encode_locally(items, writer, encoder, policies, flip=True,
+                                     on_item=lambda item, result: progress.advance(task))
+    console.print(f"   {summary.committed} rows committed, {summary.skipped} already there, "
+                  f"{summary.errors} new error rows ({encoder.info.name} f{unit}, variants "
+                  f"{', '.join(p.variant for p in policies)}, flips stored)")
+
+    report = validate_catalog(catalog_path)
+    cat = Catalog(catalog_path)
+    verdict = "[green]valid[/green]" if report.ok else "[red]INVALID[/red]"
+    console.print(f"[bold]3. validate[/bold]  {verdict}: {report.rows} rows, {report.shards} shards, "
+                  f"{len(cat.errors())} error rows (see `nr catalog errors {catalog_path}`)")
+    png = plot_size_histograms(cat, out / "catalog_sizes.png")
+    console.print(f"[bold]4. plot[/bold]  latent sizes and aspect ratios -> {png}")
+    console.print(f"done in {time.perf_counter() - start:.1f} s. Look inside:\n"
+                  f"  nr catalog info {catalog_path}\n"
+                  f"  python -c \"import polars as pl; print(pl.scan_parquet('{catalog_path}/index/*.parquet')"
+                  f".group_by('variant','class_name').len().collect())\"", soft_wrap=True)
+    if not report.ok:
         raise typer.Exit(1)
 
 
@@ -165,9 +225,9 @@ def catalog_validate(
         report = validate_catalog(path, checksums=not quick,
                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     for problem in report.problems:
-        console.print(f"[red]problem:[/red] {problem}")
+        console.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
     summary = (f"{report.rows:,} rows in {report.shards} shards, {report.errors} error rows, "
                f"{report.bytes_checked / 2**20:,.1f} MiB hashed")
     if not report.ok:

@@ -1,0 +1,63 @@
+"""The CLI as a user runs it: demo, catalog inspection, validate's exit codes, doctor, --version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from nrdata.catalog import layout
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    result = runner.invoke(app, ["demo", "--out", str(out), "--per-class", "6"])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output and "3 error rows" in result.output
+    return out
+
+
+def test_demo_leaves_a_valid_catalog_and_a_plot(demo_out):
+    assert (demo_out / "catalog_sizes.png").stat().st_size > 1000
+    result = runner.invoke(app, ["catalog", "validate", str(demo_out / "catalog")])
+    assert result.exit_code == 0 and "valid" in result.output
+
+
+def test_catalog_commands_show_what_is_inside(demo_out, tmp_path):
+    cat = str(demo_out / "catalog")
+    info = runner.invoke(app, ["catalog", "info", cat])
+    assert info.exit_code == 0 and "pixel" in info.output and "uint8" in info.output and "rows" in info.output
+    head = runner.invoke(app, ["catalog", "head", cat, "-n", "2", "--variant", "64"])
+    assert head.exit_code == 0 and "64×64" in head.output
+    png = tmp_path / "sizes.png"
+    stats = runner.invoke(app, ["catalog", "stats", cat, "--png", str(png)])
+    assert stats.exit_code == 0 and "aspect ratio" in stats.output and png.exists()
+    errors = runner.invoke(app, ["catalog", "errors", cat])
+    assert errors.exit_code == 0 and "zero-byte" in errors.output and "truncated" in errors.output
+
+
+def test_validate_exits_non_zero_on_a_broken_catalog(demo_out, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_out / "catalog", broken)
+    layout.listing(broken / layout.SHARD_DIR, layout.SHARD_SUFFIX)[0].unlink()
+    result = runner.invoke(app, ["catalog", "validate", str(broken)])
+    assert result.exit_code == 1 and "INVALID" in result.output and "missing" in result.output
+
+
+def test_a_folder_that_is_not_a_catalog_gets_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["catalog", "info", str(tmp_path)])
+    assert result.exit_code == 2 and "no manifest" in result.output
+
+
+def test_version_and_doctor():
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("nr ")
+    doctor = runner.invoke(app, ["doctor"])
+    assert "torch" in doctor.output and "attention backend" in doctor.output and "sdpa-loop" in doctor.output

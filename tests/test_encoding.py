@@ -1,0 +1,76 @@
+"""The single-process encode path: source listing, pixel encoder, rows, errors and resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nrdata.catalog import Catalog, CatalogWriter, validate_catalog
+from nrdata.demo_data import BAD_FILES, CLASSES, write_demo_images
+from nrdata.encoders import PixelEncoder
+from nrdata.encoding import catalog_manifest, encode_locally
+from nrdata.policies import parse_policy
+from nrdata.sources import list_image_folder
+
+
+def test_pixel_encoder_is_lossless_space_to_depth():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)
+    enc = PixelEncoder(factor=8)
+    latents = enc.encode(images)
+    assert latents.shape == (2, 192, 3, 5) and latents.dtype == np.uint8
+    # channel (c, dy, dx) of token (i, j) is pixel (8i+dy, 8j+dx, c)
+    assert latents[1, 2 * 64 + 3 * 8 + 5, 1, 4] == images[1, 8 + 3, 32 + 5, 2]
+    assert np.array_equal(enc.decode(latents), images)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        enc.encode(images[:, :20])
+
+
+def test_folder_listing_uses_sorted_class_order(tmp_path):
+    for cls in ("n02", "n01", "n10"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / cls / "a.png")
+    (tmp_path / "n01" / "notes.txt").write_text("not an image extension")
+    items = list_image_folder(tmp_path)
+    assert [(i.key, i.label, i.class_name) for i in items] == [
+        ("n01/a.png", 0, "n01"), ("n02/a.png", 1, "n02"), ("n10/a.png", 2, "n10")]
+
+
+def test_demo_images_are_deterministic(tmp_path):
+    a = write_demo_images(tmp_path / "a", per_class=3, seed=5)
+    write_demo_images(tmp_path / "b", per_class=3, seed=5)
+    files = sorted(p.relative_to(a.root) for p in a.root.rglob("*") if p.is_file())
+    assert len(files) == 3 * len(CLASSES) + len(BAD_FILES)
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_encode_a_folder_resume_and_errors(tmp_path):
+    demo = write_demo_images(tmp_path / "images", per_class=4, seed=1)
+    encoder = PixelEncoder(factor=8)
+    policies = [parse_policy("native", unit=8), parse_policy("64", unit=8)]
+    manifest = catalog_manifest(encoder, policies, flip=True, source_root=str(demo.root))
+    items = list_image_folder(demo.root)
+
+    with CatalogWriter(tmp_path / "cat", manifest, shard_rows=7) as writer:
+        first = encode_locally(items[:9], writer, encoder, policies, flip=True)
+    with CatalogWriter(tmp_path / "cat", manifest, shard_rows=7) as writer:
+        second = encode_locally(items, writer, encoder, policies, flip=True)
+
+    good = 4 * len(CLASSES)
+    assert first.committed + second.committed == 2 * good
+    assert second.skipped == first.committed
+    cat = Catalog(tmp_path / "cat")
+    assert validate_catalog(cat.root).ok
+    assert sorted(cat.errors()["key"].to_pylist()) == sorted(BAD_FILES)
+    index = cat.index.to_pylist()
+    assert len({(r["key"], r["variant"]) for r in index}) == len(index) == 2 * good
+    # a stored latent is the encoder applied to the policy's pixels, and its twin the mirror image
+    row = next(r for r in index if r["variant"] == "native" and r["orig_w"] % 8)
+    source = Image.open(demo.root / row["key"]).convert("RGB")
+    pixels = policies[0].apply(source)
+    assert (row["image_w"], row["image_h"]) == (pixels.shape[1], pixels.shape[0])
+    assert np.array_equal(encoder.decode(cat.latent(row["row_id"])[None])[0], pixels)
+    assert np.array_equal(encoder.decode(cat.latent(row["row_id"], flip=True)[None])[0], pixels[:, ::-1])
+    assert row["label"] == CLASSES.index(row["class_name"])
