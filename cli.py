@@ -76,8 +76,10 @@ def doctor() -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo images, catalog and plots.")] = Path("nr-demo"),
-    per_class: Annotated[int, typer.Option(help="Images per class.")] = 40,
-    seed: Annotated[int, typer.Option(help="Seed of the generated images.")] = 0,
+    per_class: Annotated[Optional[int], typer.Option(help="Images per class [default: from catalogs/demo.toml].",
+                                                     show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the generated images [default: from catalogs/demo.toml].",
+                                                show_default=False)] = None,
 ) -> None:
     """The journey on built-in data: generate shape images of many sizes and aspect ratios (and a few
     broken files), encode them at native resolution into a catalog, validate it and plot its sizes.
@@ -90,6 +92,7 @@ def demo(
 
     from nrdata.catalog import Catalog, CatalogWriter, validate_catalog
     from nrdata.catalog.inspect import plot_size_histograms
+    from nrdata.definitions import load_definition
     from nrdata.demo_data import write_demo_images
     from nrdata.encoders import PixelEncoder
     from nrdata.encoding import catalog_manifest, encode_locally
@@ -97,26 +100,29 @@ def demo(
     from nrdata.sources import list_image_folder
 
     start = time.perf_counter()
-    images = write_demo_images(out / "images", per_class=per_class, seed=seed)
+    definition = load_definition("demo")
+    images = write_demo_images(out / "images", per_class=per_class or definition.source["per_class"],
+                               seed=definition.source["seed"] if seed is None else seed)
     console.print(f"[bold]1. images[/bold]  {images.images} shapes in {len(images.classes)} classes "
                   f"+ {images.bad_files} broken files -> {images.root}")
 
-    encoder = PixelEncoder(factor=8)
+    encoder = PixelEncoder(factor=definition.encoder["factor"])
     unit = encoder.info.factor
-    policies = [parse_policy("native", unit=unit), parse_policy("64", unit=unit)]
+    policies = [parse_policy(spec, unit=unit) for spec in definition.policies]
+    flip = definition.flip
     items = list_image_folder(images.root)
-    manifest = catalog_manifest(encoder, policies, flip=True, source_root=str(images.root.resolve()),
-                                notes={"made_by": "nr demo"})
+    manifest = catalog_manifest(encoder, policies, flip=flip, source_root=str(images.root.resolve()),
+                                notes={"made_by": "nr demo", "definition": str(definition.path)})
     catalog_path = out / "catalog"
     with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("encode", total=len(items))
         with CatalogWriter(catalog_path, manifest) as writer:
-            summary = encode_locally(items, writer, encoder, policies, flip=True,
+            summary = encode_locally(items, writer, encoder, policies, flip=flip,
                                      on_item=lambda item, result: progress.advance(task))
     console.print(f"   {summary.committed} rows committed, {summary.skipped} already there, "
                   f"{summary.errors} new error rows ({encoder.info.name} f{unit}, variants "
-                  f"{', '.join(p.variant for p in policies)}, flips stored)")
+                  f"{', '.join(p.variant for p in policies)}, flips {'stored' if flip else 'not stored'})")
 
     report = validate_catalog(catalog_path)
     cat = Catalog(catalog_path)

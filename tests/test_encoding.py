@@ -74,3 +74,53 @@ def test_encode_a_folder_resume_and_errors(tmp_path):
     assert np.array_equal(encoder.decode(cat.latent(row["row_id"])[None])[0], pixels)
     assert np.array_equal(encoder.decode(cat.latent(row["row_id"], flip=True)[None])[0], pixels[:, ::-1])
     assert row["label"] == CLASSES.index(row["class_name"])
+
+
+def _write_real_world_folder(root):
+    """Every awkward kind of file the catalog issue lists, in one ImageNet-style folder."""
+    good, bad = root / "good", root / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    rgb.save(good / "exif_rotated.jpg", exif=exif)
+    rgb.convert("CMYK").save(good / "cmyk.jpg")
+    rgb.convert("L").save(good / "gray.png")
+    rgb.convert("P").save(good / "palette.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(good / "alpha.png")
+    Image.fromarray((rng.integers(0, 65535, (30, 20))).astype(np.uint16)).save(good / "sixteen_bit.png")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(good / "one_pixel.png")
+    Image.new("RGB", (10000, 20), (200, 10, 10)).save(good / "very_wide.png")
+    whole = (good / "cmyk.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "random_bytes.jpg").write_bytes(rng.bytes(3000))
+    (bad / "text.png").write_text("hello")
+    Image.new("RGB", (3000, 3000)).save(bad / "bomb.png")  # over the max_pixels used below
+
+
+def test_every_bad_kind_becomes_an_error_row_and_every_odd_kind_a_row(tmp_path):
+    _write_real_world_folder(tmp_path / "src")
+    encoder = PixelEncoder(factor=8)
+    policies = [parse_policy("native", unit=8)]
+    manifest = catalog_manifest(encoder, policies, flip=False)
+    with CatalogWriter(tmp_path / "cat", manifest) as writer:
+        encode_locally(list_image_folder(tmp_path / "src"), writer, encoder, policies, flip=False,
+                       max_pixels=5_000_000)
+    cat = Catalog(tmp_path / "cat")
+    errors = {e["key"]: e for e in cat.errors().to_pylist()}
+    assert set(errors) == {f"bad/{n}" for n in ("truncated.jpg", "zero.jpg", "random_bytes.jpg", "text.png",
+                                                 "bomb.png")}
+    assert all(e["stage"] == "decode" and e["message"] for e in errors.values())
+    assert "max_pixels" in errors["bad/bomb.png"]["message"]
+    rows = {r["key"]: r for r in cat.index.to_pylist()}
+    assert set(rows) == {f"good/{n}" for n in ("exif_rotated.jpg", "cmyk.jpg", "gray.png", "palette.png",
+                                                "alpha.png", "sixteen_bit.png", "one_pixel.png", "very_wide.png")}
+    assert (rows["good/exif_rotated.jpg"]["orig_w"], rows["good/exif_rotated.jpg"]["orig_h"]) == (40, 56)
+    assert (rows["good/one_pixel.png"]["image_w"], rows["good/one_pixel.png"]["image_h"]) == (8, 8)
+    assert (rows["good/very_wide.png"]["latent_w"], rows["good/very_wide.png"]["latent_h"]) == (1250, 2)
+    assert validate_catalog(cat.root).ok
