@@ -139,6 +139,55 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def pack(
+    catalogs: Annotated[list[Path], typer.Argument(help="One or several catalogs; their rows are merged in order.",
+                                                    exists=True, file_okay=False, show_default=False)],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-L", help="Most tokens per pack (NiT-XL: 16384).",
+                                            show_default=False)],
+    out: Annotated[Path, typer.Option(help="Packs file to write (Parquet).", show_default=False)],
+    algorithm: Annotated[str, typer.Option(help="lpfhp, spfhp, or bfd (best-fit-decreasing baseline).")] = "lpfhp",
+    patch_size: Annotated[int, typer.Option(help="Model patch size: tokens = latent_h*latent_w/patch².")] = 1,
+    variant: Annotated[Optional[list[str]], typer.Option(help="Only rows of this variant (repeatable).")] = None,
+    max_images: Annotated[Optional[int], typer.Option(help="Most images per pack [default: unlimited].",
+                                                      show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed; epoch e packs with (seed, e).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Epochs to pre-compute, each packed afresh.")] = 1,
+    ranks: Annotated[int, typer.Option(help="Data-parallel ranks to balance packs over.")] = 1,
+    drop_too_long: Annotated[bool, typer.Option(help="Drop rows longer than --max-tokens (counted) instead of "
+                                                     "stopping with an error.")] = False,
+    nit_json: Annotated[Optional[Path], typer.Option(help="Also write epoch 0 as NiT sampler-meta JSON "
+                                                          "(a list of packs of merged row ids).")] = None,
+) -> None:
+    """Pack catalog rows into sequences of at most L tokens (numba LPFHP), afresh for every epoch.
+
+    Writes the packs file, a report JSON and a PNG of lengths and pack fill next to it.
+    """
+    import json
+
+    from nrdata.packing import packing_report, plot_packing, write_nit_sampler_meta
+    from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result
+
+    try:
+        result = pack_catalogs(catalogs, max_tokens=max_tokens, algorithm=algorithm, patch_size=patch_size,
+                               variants=variant, max_images=max_images, seed=seed, epochs=epochs,
+                               world_size=ranks, on_too_long="drop" if drop_too_long else "error")
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    write_pack_result(out, result)
+    report = packing_report(result.packings[0], result.ranks[0])
+    png = plot_packing(out.with_suffix(".png"), result.packings[0], result.selection.lengths)
+    summary = {"packs_file": str(out), **result.metadata, "epoch0": report.as_dict()}
+    out.with_suffix(".report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    console.print(report.format(), soft_wrap=True)
+    console.print(f"{len(result.selection.lengths):,} rows from {len(catalogs)} catalog(s), {epochs} epoch(s) -> {out}")
+    console.print(f"report: {out.with_suffix('.report.json')}, plot: {png}")
+    if nit_json:
+        write_nit_sampler_meta(nit_json, result.packings[0])
+        console.print(f"NiT sampler-meta (epoch 0): {nit_json}")
+
+
 # -- nr catalog ------------------------------------------------------------------------------
 
 @catalog_app.command("info")
