@@ -167,6 +167,10 @@ def test_wrong_shapes_and_variants_are_refused(tmp_path):
         with pytest.raises(TypeError, match="dtype"):
             writer.add(LatentRow(key="a", variant="native", latent=good.astype(np.float32),
                                  latent_flip=good.astype(np.float32)))
+    bf16 = make_manifest(dtype="bfloat16", flip="none")
+    with CatalogWriter(tmp_path / "bf16", bf16) as writer:
+        with pytest.raises(TypeError, match="bfloat16"):  # same width, different numbers
+            writer.add(LatentRow(key="a", variant="native", latent=good))
 
 
 def test_non_finite_latents_become_error_rows(tmp_path):

@@ -17,15 +17,8 @@ def temp_path_for(final: Path) -> Path:
     return final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file's data, or a folder's entries (a rename is durable only once its folder is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,9 +28,9 @@ def fsync_file(path: Path) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """fsync a finished temporary file and atomically give it its final name."""
-    fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:

@@ -84,8 +84,13 @@ def _as_numpy(latent: Any, dtype: str) -> np.ndarray:
             tensor = tensor.view(torch.int16)
         latent = tensor.numpy()
     array = np.ascontiguousarray(latent)
-    expected = np.dtype("uint16") if dtype == "bfloat16" else np.dtype(dtype)
-    if array.dtype.itemsize != expected.itemsize or (dtype != "bfloat16" and array.dtype != expected):
+    if dtype == "bfloat16":
+        # raw bf16 words only: a float16 array has the right size but means other numbers
+        if array.dtype not in (np.dtype("uint16"), np.dtype("int16")):
+            raise TypeError(f"latent dtype {array.dtype} does not match the catalog dtype bfloat16 "
+                            "(pass a torch.bfloat16 tensor or its uint16 view)")
+        return array.view(np.uint16)
+    if array.dtype != np.dtype(dtype):
         raise TypeError(f"latent dtype {array.dtype} does not match the catalog dtype {dtype}")
     return array
 
