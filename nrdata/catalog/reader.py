@@ -111,8 +111,8 @@ class Catalog:
     def _locator(self) -> dict[str, np.ndarray]:
         index = self.index
         names, shard_ids = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
-        self._shard_names = names.tolist()
         return {
+            "shard_names": names,
             "shard": shard_ids.astype(np.int32),
             **{c: index[c].to_numpy() for c in ("shard_row", "latent_c", "latent_h", "latent_w", "crc32")},
             "flip": index["flip"].to_numpy(zero_copy_only=False),
@@ -121,7 +121,8 @@ class Catalog:
     def _shard(self, shard_id: int) -> ShardView:
         view = self._shards.get(shard_id)
         if view is None:
-            view = self._shards[shard_id] = ShardView(self.root / layout.SHARD_DIR / self._shard_names[shard_id])
+            name = str(self._locator["shard_names"][shard_id])
+            view = self._shards[shard_id] = ShardView(self.root / layout.SHARD_DIR / name)
         return view
 
     # -- latents ---------------------------------------------------------------------------
