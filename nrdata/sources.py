@@ -16,7 +16,7 @@ class SourceItem:
     class_name: str | None
 
 
-def list_image_folder(root: str | Path, *, limit: int | None = None) -> list[SourceItem]:
+def list_image_folder(root: str | Path) -> list[SourceItem]:
     """Every image under `root/<class>/...`, labelled by the class folder's position in sorted order.
 
     Sorted folder order is torchvision's ImageFolder order, so on ImageNet-1k the labels are the
@@ -34,4 +34,4 @@ def list_image_folder(root: str | Path, *, limit: int | None = None) -> list[Sou
         for path in sorted((root / name).rglob("*")):
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 items.append(SourceItem(path, path.relative_to(root).as_posix(), label, name))
-    return items[:limit] if limit is not None else items
+    return items

@@ -227,10 +227,6 @@ class CatalogWriter:
         """True when (key, variant) is committed or waiting in the current shard."""
         return (key, variant) in self._committed or (key, variant) in self._pending
 
-    @property
-    def committed_keys(self) -> frozenset[tuple[str, str]]:
-        return frozenset(self._committed)
-
     def add(self, row: LatentRow) -> bool:
         """Buffer one latent; returns False when it was skipped (already stored) or refused
         (non-finite values, recorded in the errors table)."""
