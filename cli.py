@@ -119,7 +119,7 @@ def demo(
         task = progress.add_task("encode", total=len(items))
         with CatalogWriter(catalog_path, manifest) as writer:
             summary = encode_locally(items, writer, encoder, policies, flip=flip,
-                                     on_item=lambda item, result: progress.advance(task))
+                                     on_items=lambda n: progress.advance(task, n))
     console.print(f"   {summary.committed} rows committed, {summary.skipped} already there, "
                   f"{summary.errors} new error rows ({encoder.info.name} f{unit}, variants "
                   f"{', '.join(p.variant for p in policies)}, flips {'stored' if flip else 'not stored'})")
@@ -137,6 +137,104 @@ def demo(
                   f".group_by('variant','class_name').len().collect())\"", soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+ENCODERS_HELP = "pixel (weight-free), dc-ae-f32c32, sd-vae-ft-ema or va-vae-f16d32"
+
+
+@app.command()
+def encode(
+    source: Annotated[Path, typer.Argument(help="ImageNet-style folder (<class>/<image>; labels in sorted folder "
+                                                "order) or a CSV/Parquet file list with columns path,label.",
+                                           exists=True, show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Catalog folder to create or resume.", show_default=False)],
+    definition: Annotated[Optional[str], typer.Option(
+        help="Catalog definition in catalogs/ (e.g. imagenet1k) or a .toml path; the options below override it.",
+        show_default=False)] = None,
+    encoder: Annotated[Optional[str], typer.Option(help=f"Encoder: {ENCODERS_HELP} [default: pixel].",
+                                                   show_default=False)] = None,
+    encoder_source: Annotated[Optional[str], typer.Option(
+        help="Hub id or local folder/checkpoint of the encoder [default: the encoder's hub id].",
+        show_default=False)] = None,
+    factor: Annotated[Optional[int], typer.Option(help="Pixel encoder only: space-to-depth factor [default: 8].",
+                                                  show_default=False)] = None,
+    variant: Annotated[Optional[list[str]], typer.Option(
+        help="Variant to store (repeatable): native, 256, 512, native:max_area=N, fit:S, center-crop:S "
+             "[default: native].", show_default=False)] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also store the latent of the mirrored "
+                                                 "image [default: --flip].", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored latent dtype: bfloat16, float16, float32 "
+                                                 "[default: the encoder's].", show_default=False)] = None,
+    patch_size: Annotated[int, typer.Option(help="Patch size of the model to train: native sides become "
+                                                 "multiples of factor x patch.")] = 1,
+    batch_pixels: Annotated[int, typer.Option(help="Most pixels per encoder call (flips included); "
+                                                   "lower it if the GPU runs out of memory.")] = 32 * 512 * 512,
+    limit: Annotated[Optional[int], typer.Option(help="Encode only this many images, spread over the listing "
+                                                      "(a quick trial).", show_default=False)] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to join ('auto' = the local one) [default: the Ray job's cluster, else an embedded "
+             "Ray on this machine].", show_default=False)] = None,
+    encoders: Annotated[Optional[int], typer.Option(help="Encoder actors [default: one per GPU, else one].",
+                                                    show_default=False)] = None,
+    max_failure_rate: Annotated[float, typer.Option(help="Stop when more than this fraction of images fails "
+                                                         "(checked after 500).")] = 0.05,
+    shard_rows: Annotated[int, typer.Option(help="Rows per catalog shard (a commit point).")] = 2048,
+) -> None:
+    """Encode images into a latent catalog on Ray Data: decode/resize on CPU workers, encode on an
+    actor pool (one per GPU, or CPU), write atomic shards.
+
+    Failed images become rows of the errors table. Re-running the same command resumes: committed
+    rows are skipped. On a cluster: ray job submit --address http://HEAD:8265 -- nr encode ...
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nrdata.catalog import CatalogLockedError
+    from nrdata.definitions import load_definition
+    from pipelines.encode import EncodeAborted, EncodeConfig, EncoderSpec, run_encode
+
+    try:
+        spec = load_definition(definition) if definition else None
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    enc = dict(spec.encoder) if spec else {}
+    config = EncodeConfig(
+        source=str(source), out=str(out),
+        encoder=EncoderSpec(name=encoder or enc.get("name", "pixel"),
+                            source=encoder_source or (enc.get("source") if not encoder else None),
+                            dtype=dtype or (enc.get("dtype") if not encoder else None),
+                            factor=factor or enc.get("factor", 8)),
+        policies=tuple(variant or (spec.policies if spec else ("native",))),
+        flip=flip if flip is not None else (spec.flip if spec else True),
+        patch_size=patch_size, batch_pixels=batch_pixels, limit=limit, ray_address=ray_address,
+        encoders=encoders, max_failure_rate=max_failure_rate, shard_rows=shard_rows,
+        notes={"definition": str(spec.path)} if spec else {},
+    )
+    columns = (TextColumn("[bold]encode[/bold]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("encode", total=None, rate="starting Ray...")
+
+        def show(p) -> None:
+            progress.update(task, total=p.total, completed=p.done,
+                            rate=f"{p.failed} failed, {p.images_per_second:.1f} img/s (decode {p.decode_rate:.0f}/s/worker, "
+                                 f"encode {p.encode_rate:.0f}/s/actor)")
+
+        try:
+            summary = run_encode(config, on_progress=show)
+        except EncodeAborted as exc:
+            err_console.print(f"[red]aborted:[/red] {exc}")
+            raise typer.Exit(1) from None
+        except (FileNotFoundError, ValueError, CatalogLockedError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    p = summary.progress
+    console.print(f"{summary.encoded} rows encoded, {summary.skipped} already in the catalog, {summary.failed} new "
+                  f"error rows; {summary.items} images in {summary.seconds:.1f} s "
+                  f"({p.images_per_second:.1f} img/s; Ray {summary.ray.get('mode')}, "
+                  f"{summary.ray.get('actors', 0)} encoder actor(s))")
+    console.print(f"catalog: {summary.catalog}  (nr catalog info {summary.catalog}; "
+                  f"nr catalog errors {summary.catalog})", soft_wrap=True)
 
 
 @app.command()

@@ -124,3 +124,85 @@ def test_every_bad_kind_becomes_an_error_row_and_every_odd_kind_a_row(tmp_path):
     assert (rows["good/one_pixel.png"]["image_w"], rows["good/one_pixel.png"]["image_h"]) == (8, 8)
     assert (rows["good/very_wide.png"]["latent_w"], rows["good/very_wide.png"]["latent_h"]) == (1250, 2)
     assert validate_catalog(cat.root).ok
+
+
+class _FussyEncoder(PixelEncoder):
+    """A pixel encoder that runs out of memory above a batch size and fails on one poisoned image."""
+
+    def __init__(self, max_batch):
+        super().__init__(factor=8)
+        self.max_batch = max_batch
+        self.calls = []
+
+    def encode(self, images):
+        self.calls.append(len(images))
+        if len(images) > self.max_batch:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if (images == 13).all(axis=(1, 2, 3)).any():
+            raise ValueError("poisoned pixels")
+        return super().encode(images)
+
+
+def _prepared(key, value, size=(16, 24)):
+    from nrdata.encoding import PreparedImage
+
+    pixels = np.full((*size, 3), value, np.uint8)
+    return PreparedImage(key, "native", pixels, 0, "c", key, size[1], size[0])
+
+
+def test_encode_prepared_groups_by_shape_under_the_pixel_budget():
+    from nrdata.encoding import encode_prepared
+
+    encoder = _FussyEncoder(max_batch=100)
+    images = [_prepared(f"a{i}", i, (16, 24)) for i in range(5)] + [_prepared(f"b{i}", i, (8, 8)) for i in range(3)]
+    rows, errors = encode_prepared(encoder, images, flip=True, batch_pixels=2 * 2 * 16 * 24)
+    assert not errors and len(rows) == 8
+    # 16x24 images go two at a time (flips included in the budget), the three 8x8 ones together
+    assert sorted(encoder.calls) == sorted([4, 4, 2, 6])
+    row = next(r for r in rows if r.key == "a3")
+    assert np.array_equal(encoder.decode(row.latent[None])[0], images[3].pixels)
+
+
+def test_out_of_memory_retries_smaller_batches_and_one_bad_image_fails_alone():
+    from nrdata.encoding import encode_prepared
+
+    encoder = _FussyEncoder(max_batch=2)
+    images = [_prepared(f"k{i}", 13 if i == 5 else i) for i in range(8)]
+    rows, errors = encode_prepared(encoder, images, flip=False, batch_pixels=10**9)
+    assert encoder.calls[0] == 8 and max(encoder.calls[1:]) <= 4
+    assert sorted(r.key for r in rows) == [f"k{i}" for i in range(8) if i != 5]
+    assert [(key, stage) for key, _, stage, _ in errors] == [("k5", "encode")]
+    assert "poisoned" in errors[0][3]
+    for row in rows:
+        assert np.array_equal(encoder.decode(row.latent[None])[0], images[int(row.key[1:])].pixels)
+
+
+def test_an_image_too_big_for_memory_alone_is_an_error_row():
+    from nrdata.encoding import encode_prepared
+
+    rows, errors = encode_prepared(_FussyEncoder(max_batch=0), [_prepared("big", 1)], flip=False)
+    assert rows == [] and errors[0][:3] == ("big", "native", "encode-oom")
+
+
+def test_file_list_source_and_spread_limit(tmp_path):
+    import polars as pl
+
+    from nrdata.sources import list_source, spread_limit
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / f"{i}.png")
+    pl.DataFrame({"path": [f"imgs/{i}.png" for i in range(4)], "label": [3, 1, 4, 1]}).write_csv(tmp_path / "l.csv")
+    pl.DataFrame({"path": ["imgs/0.png"], "label": [2.0], "class_name": ["x"]}).write_parquet(tmp_path / "l.parquet")
+    items = list_source(tmp_path / "l.csv")
+    assert [(i.key, i.label) for i in items] == [("imgs/0.png", 3), ("imgs/1.png", 1), ("imgs/2.png", 4),
+                                                 ("imgs/3.png", 1)]
+    assert items[0].path == (tmp_path / "imgs" / "0.png").resolve()
+    assert [(i.label, i.class_name) for i in list_source(tmp_path / "l.parquet")] == [(2, "x")]
+    assert [i.key for i in spread_limit(items, 2)] == ["imgs/0.png", "imgs/3.png"]
+    pl.DataFrame({"path": ["a.png", "a.png"], "label": [0, 1]}).write_csv(tmp_path / "dup.csv")
+    with pytest.raises(ValueError, match="row 1 repeats path"):
+        list_source(tmp_path / "dup.csv")
+    pl.DataFrame({"file": ["a.png"], "label": [0]}).write_csv(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="missing \\['path'\\]"):
+        list_source(tmp_path / "bad.csv")

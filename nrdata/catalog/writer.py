@@ -75,7 +75,8 @@ class WriteSummary:
     shards: int = 0
 
 
-def _as_numpy(latent: Any, dtype: str) -> np.ndarray:
+def stored_array(latent: Any, dtype: str) -> np.ndarray:
+    """A latent as the numpy array a catalog of `dtype` stores (bfloat16 as its raw uint16 words)."""
     if hasattr(latent, "detach"):  # a torch tensor; imported lazily so nrdata works without torch
         import torch
 
@@ -237,8 +238,8 @@ class CatalogWriter:
         if self.has(row.key, row.variant):
             self.summary.skipped += 1
             return False
-        latent = _as_numpy(row.latent, self.manifest.dtype)
-        flip = None if row.latent_flip is None else _as_numpy(row.latent_flip, self.manifest.dtype)
+        latent = stored_array(row.latent, self.manifest.dtype)
+        flip = None if row.latent_flip is None else stored_array(row.latent_flip, self.manifest.dtype)
         self._check_shape(row, latent, flip)
         for name, array in (("latent", latent), ("flipped latent", flip)):
             if array is not None and not _finite(array, self.manifest.dtype):
