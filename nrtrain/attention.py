@@ -52,13 +52,15 @@ def resolve_backend(name: str, device_type: str, *, needs_backward: bool = False
         raise ValueError(f"unknown attention backend {name!r}; choose 'auto' or one of {BACKENDS}")
     if name == "flash-varlen":
         if device_type != "cuda":
-            raise ValueError(f"attention backend flash-varlen runs on CUDA only, not {device_type}; use sdpa-loop there")
+            raise ValueError(f"attention backend flash-varlen runs on CUDA only, not {device_type}; "
+                             "use sdpa-loop there")
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention backend flash-varlen needs the flash-attn package "
                              "(pip install flash-attn --no-build-isolation), or use torch-varlen")
     if name == "torch-varlen":
         if device_type != "cuda":
-            raise ValueError(f"attention backend torch-varlen runs on CUDA only, not {device_type}; use sdpa-loop there")
+            raise ValueError(f"attention backend torch-varlen runs on CUDA only, not {device_type}; "
+                             "use sdpa-loop there")
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             raise ValueError(f"attention backend torch-varlen needs torch.nn.attention.varlen, absent in torch "
                              f"{torch.__version__}; upgrade torch or use flash-varlen")
@@ -130,7 +132,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-def sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+def sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
     heads, head_dim = q.shape[1], q.shape[2]
     outputs = []
     for first, count, n in runs:

@@ -78,7 +78,8 @@ def base_inverse_frequencies(head_dim: int, theta: float, device=None) -> torch.
 
 
 def rope_cos_sin(coords: torch.Tensor, sizes: torch.Tensor, image_ids: torch.Tensor, head_dim: int, *,
-                 theta: float = 10000.0, extrapolation: RopeExtrapolation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 theta: float = 10000.0,
+                 extrapolation: RopeExtrapolation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each [T, head_dim] fp32, for tokens at `coords` [T, 2] of images of `sizes` [B, 2]."""
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4 (two axes of channel pairs), got {head_dim}")
