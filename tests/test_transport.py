@@ -166,7 +166,8 @@ def test_repa_configuration_errors_name_the_fix():
     with pytest.raises(ValueError, match="repa_weight is 0"):
         FlowMatchingLoss(null_class=NULL)(model, batch, torch.Generator(), repa_targets=torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"\[T=2, repa_dim\]"):
-        FlowMatchingLoss(null_class=NULL, repa_weight=1.0)(model, batch, torch.Generator(), repa_targets=torch.zeros(3, 3))
+        FlowMatchingLoss(null_class=NULL, repa_weight=1.0)(model, batch, torch.Generator(),
+                                                           repa_targets=torch.zeros(3, 3))
 
 
 def test_label_dropout_rate_and_determinism():
@@ -183,7 +184,8 @@ def test_label_dropout_rate_and_determinism():
     assert torch.equal(first.dropped, again.dropped) and torch.equal(first.t, again.t)
     assert torch.equal(first.loss, again.loss)
     assert not torch.equal(first.dropped, other.dropped)
-    assert not bool(FlowMatchingLoss(null_class=NULL, class_dropout_prob=0.0)(model, batch, torch.Generator()).dropped.any())
+    never = FlowMatchingLoss(null_class=NULL, class_dropout_prob=0.0)(model, batch, torch.Generator())
+    assert not bool(never.dropped.any())
 
 
 def test_model_sees_the_noisy_tokens_on_the_path_and_gets_gradients():

@@ -112,7 +112,8 @@ def heun(field: Field, x: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     return x
 
 
-def euler_maruyama(field: Field, x: torch.Tensor, grid: Sequence[float], noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+def euler_maruyama(field: Field, x: torch.Tensor, grid: Sequence[float],
+                   noise: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Euler–Maruyama on the reverse SDE with diffusion g² = 2t (NiT/REPA), last interval deterministic.
 
     drift = v - ½ g² score, with the score from v (`score_from_velocity`); each step but the last adds
@@ -158,7 +159,7 @@ class SampleResult:
     grid: torch.Tensor  # the float64 time grid used
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(model, noise_batch: PackedBatch, labels: torch.Tensor, *, null_class: int, solver: str = "euler",
            steps: int = 50, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
            shift: float | None = None, generator: torch.Generator | NoiseSource | None = None,
