@@ -74,8 +74,9 @@ def folders(tmp_path_factory):
     reference = _randomise(ldm_reference.AutoencoderKL(**TINY_VAVAE))
     weights = reference.state_dict()
     # LightningDiT's layout: nested under state_dict, with training-only parts beside the autoencoder
-    torch.save({"state_dict": {**weights, "loss.logvar": torch.zeros(()), "linear_proj.weight": torch.zeros(8, 32, 1, 1),
-                               "foundation_model.model.cls_token": torch.zeros(1, 1, 8)}}, root / "vavae.pt")
+    training_only = {"loss.logvar": torch.zeros(()), "linear_proj.weight": torch.zeros(8, 32, 1, 1),
+                     "foundation_model.model.cls_token": torch.zeros(1, 1, 8)}
+    torch.save({"state_dict": {**weights, **training_only}}, root / "vavae.pt")
     torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in weights.items()}, "epoch": 3},
                root / "vavae.ckpt")
     save_file({k: v.contiguous() for k, v in weights.items()}, root / "vavae.safetensors")
@@ -142,6 +143,16 @@ def test_shape_mismatch_is_refused(folders):
     ldm_sd["encoder.down.4.attn.0.q.weight"] = torch.zeros(64, 32, 1, 1)
     with pytest.raises(ConversionError, match=r"shape mismatches.*encoder\.down\.4\.attn\.0\.q\.weight"):
         convert_ldm_vae_state_dict(ldm_sd, vavae_diffusers_config(**TINY_VAVAE))
+
+
+def test_the_autoencoder_must_be_found_under_exactly_one_prefix(folders):
+    _, reference = folders
+    weights = reference.state_dict()
+    two = {**{f"ema.{k}": v for k, v in weights.items()}, **{f"model.{k}": v for k, v in weights.items()}}
+    with pytest.raises(ConversionError, match="found 'ema.', 'model.'"):
+        ldm_geometry(two)
+    with pytest.raises(ConversionError, match="found none"):
+        ldm_geometry({"xencoder.conv_in.weight": weights["encoder.conv_in.weight"]})
 
 
 # -- loading by name ------------------------------------------------------------------------------
@@ -213,7 +224,8 @@ def test_a_broken_vavae_checkpoint_names_file_and_key(folders, tmp_path):
     weights = dict(reference.state_dict())
     del weights["decoder.up.4.attn.2.v.weight"]
     torch.save({"state_dict": weights}, tmp_path / "broken.pt")
-    with pytest.raises(ConversionError, match=r"(?s)broken\.pt: .*missing keys \(1\): decoder\.up\.4\.attn\.2\.v\.weight"):
+    named = r"(?s)broken\.pt: .*missing keys \(1\): decoder\.up\.4\.attn\.2\.v\.weight"
+    with pytest.raises(ConversionError, match=named):
         load_encoder("va-vae-f16d32", str(tmp_path / "broken.pt"))
 
 

@@ -136,8 +136,8 @@ def autoencoder_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """
     while isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
-    prefixes = {k[: -len(_ANCHOR)] for k in checkpoint
-                if isinstance(k, str) and k.endswith(_ANCHOR) and (len(k) == len(_ANCHOR) or k[-len(_ANCHOR) - 1] == ".")}
+    prefixes = {k[: -len(_ANCHOR)] for k in checkpoint if isinstance(k, str) and k.endswith(_ANCHOR)}
+    prefixes = {p for p in prefixes if p == "" or p.endswith(".")}  # not "xencoder.conv_in.weight"
     if len(prefixes) != 1:
         found = "none" if not prefixes else ", ".join(repr(p) for p in sorted(prefixes))
         raise ConversionError(f"expected one LDM autoencoder ('{_ANCHOR}' under one prefix) in the checkpoint, "
