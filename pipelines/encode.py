@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 
 from nrdata.catalog import CatalogWriter, LatentRow, stored_array
-from nrdata.encoders import PixelEncoder
 from nrdata.encoding import DEFAULT_BATCH_PIXELS, PreparedImage, catalog_manifest, encode_prepared, prepare_item
 from nrdata.images import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size
 from nrdata.policies import ResolutionPolicy, parse_policy
@@ -50,11 +49,10 @@ class EncoderSpec:
 
 
 def load_encoder(spec: EncoderSpec, device: str = "cpu"):
-    if spec.name == "pixel":
-        return PixelEncoder(spec.factor)
-    from nrdata.encoders.registry import load_encoder as load
+    from nrdata.encoders import load_encoder as load
 
-    return load(spec.name, spec.source, device=device, dtype=spec.dtype)
+    return load(spec.name, spec.source, device=device, dtype=spec.dtype,
+                factor=spec.factor if spec.name == "pixel" else None)
 
 
 @dataclass

@@ -173,3 +173,45 @@ def test_ray_job_submit_to_a_started_head_node(tmp_path):
     finally:
         _stop_processes_mentioning(str(temp_dir))  # `ray stop` would also stop other tests' Ray
     _check_complete(tmp_path / "cat", images.root, ["native"], 8, flip=True)
+
+
+@pytest.mark.parametrize("name, file, dtype", [("dc-ae-f32c32", "dcae", "bfloat16"),
+                                               ("sd-vae-ft-ema", "kl", "float32"),
+                                               ("va-vae-f16d32", "vavae.ckpt", "float16")])
+def test_vae_encoders_on_ray_equal_a_direct_call(tmp_path_factory, local_ray, name, file, dtype):
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vae_factory import write_tiny_vaes
+
+    from nrdata.encoders import load_encoder
+
+    weights = tmp_path_factory.getbasetemp() / "tiny-vaes"
+    if not (weights / "vavae.ckpt").exists():
+        weights.mkdir(exist_ok=True)
+        write_tiny_vaes(weights)
+    tmp_path = tmp_path_factory.mktemp(name)
+    images = write_demo_images(tmp_path / "images", per_class=2, seed=6)
+    config = EncodeConfig(source=str(images.root), out=str(tmp_path / "cat"),
+                          encoder=EncoderSpec(name, source=str(weights / file), dtype=dtype),
+                          policies=("native", "64"), flip=True, max_failure_rate=0.5)
+    summary = run_encode(config)
+    assert summary.encoded == 2 * 2 * len(CLASSES) and summary.failed == len(BAD_FILES)
+    cat = Catalog(tmp_path / "cat")
+    assert validate_catalog(cat.root).ok
+    m = cat.manifest
+    direct = load_encoder(name, str(weights / file), dtype=dtype)
+    assert m.encoder == direct.info and m.dtype == dtype and m.normalization.ready
+    for row in cat.index.to_pylist()[::3]:
+        policy = parse_policy(row["variant"], unit=m.encoder.factor)
+        pixels = policy.apply(Image.open(images.root / row["key"]).convert("RGB"))
+        expected = _as_float(direct.encode(np.stack([pixels, pixels[:, ::-1]])), dtype)
+        # same pixels and weights; other batch-mates may change the float rounding by one step of the dtype
+        atol = {"bfloat16": 2e-2, "float16": 1e-3, "float32": 1e-5}[dtype]
+        np.testing.assert_allclose(_as_float(cat.latent(row["row_id"]), dtype), expected[0], atol=atol)
+        np.testing.assert_allclose(_as_float(cat.latent(row["row_id"], flip=True), dtype), expected[1], atol=atol)
+
+
+def _as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # raw bf16 words are the top halves of float32 values
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
