@@ -1,0 +1,447 @@
+"""The training loop: packs in, checkpoints out. Read it top to bottom.
+
+One step = `grad_accum` packs per rank. Each pack is one PackedBatch (a few hundred images of all
+sizes in L tokens); the flow-matching loss is computed on it, gradients are averaged over ranks by
+DDP, clipped, and AdamW steps. The EMA follows every step. Every `ckpt_every` steps rank 0 writes a
+checkpoint holding everything needed to continue the same trajectory: weights, EMA, optimizer,
+scheduler, the loader's cursor, and the RNG states (`--resume` restores them all).
+
+Runs on one CPU for tests, on one GPU, under `torchrun` (DDP; NCCL on GPU, gloo on CPU), or as a
+Ray Train job (`nrtrain.ray_train`), all through `train(config)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from nrdata.packing.catalog_packs import open_packs
+from nrdata.version import code_version
+from nrtrain.checkpoint import (check_data_identity, data_identity, load_training_state, read_run_info,
+                                resolve_checkpoint, save_checkpoint)
+from nrtrain.flops import model_flops
+from nrtrain.loader import PackedLoader
+from nrtrain.model import build_model
+from nrtrain.transport import FlowMatchingLoss
+
+
+@dataclass
+class TrainConfig:
+    # data: a packs file from `nr pack`; its catalogs are found through it
+    packs: str = ""
+    catalogs: list[str] | None = None  # override the catalog paths recorded in the packs file
+    out: str = "runs/nit"
+    # model
+    model: str = "tiny"  # tiny, S, B, L, XL (NiT's table)
+    mlp: str = "gelu"  # gelu (NiT) or swiglu
+    attention: str = "auto"  # auto, flash-varlen, torch-varlen, sdpa-loop, masked-sdpa, flex
+    num_classes: int | None = None  # default: largest label in the catalogs + 1
+    # objective
+    reduction: str = "image"  # image: every image weighs the same; token: NiT's per-token mean
+    direction_loss: bool = False  # NiT trains with it on
+    class_dropout_prob: float = 0.1
+    # optimisation (NiT-XL: lr 1e-4 for 8 packs of 16384 tokens per step)
+    steps: int = 1000
+    lr: float = 1e-4
+    schedule: str = "constant"  # constant or cosine (to min_lr_ratio * lr)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    # system
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    compile: bool = False
+    tf32: bool = True
+    workers: int = 2
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_checkpoints: int | None = 3
+    tensorboard: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = {
+            "schedule": (self.schedule in ("constant", "cosine"), "constant or cosine"),
+            "reduction": (self.reduction in ("image", "token"), "image or token"),
+            "precision": (self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+            "steps": (self.steps >= 1, ">= 1"), "grad_accum": (self.grad_accum >= 1, ">= 1"),
+            "ckpt_every": (self.ckpt_every >= 1, ">= 1"), "log_every": (self.log_every >= 1, ">= 1"),
+        }
+        for name, (ok, wanted) in checks.items():
+            if not ok:
+                raise ValueError(f"config {name} = {getattr(self, name)!r}: must be {wanted}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint of that state."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int  # optimizer steps done in this call
+    final_step: int
+    losses: list[float] = field(default_factory=list)  # rank-local mean loss of every step of this call
+    checkpoint: str | None = None
+    seconds: float = 0.0
+    model: torch.nn.Module | None = None  # the trained module (this rank's copy), for notebooks and tests
+
+
+# -- config files: TOML (sections are only for reading; keys are TrainConfig's fields) ---------------
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    import tomllib
+
+    values: dict[str, Any] = {}
+    if path:
+        data = tomllib.loads(Path(path).read_text())
+        for key, value in data.items():
+            values.update(value if isinstance(value, dict) else {key: value})
+    values.update(overrides or {})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path or 'overrides'}: unknown config keys {unknown}; known: {sorted(known)}")
+    return TrainConfig(**values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a TOML value (numbers, true/false, lists), or a bare string."""
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r}: expected key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+# -- the pieces -----------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # we created the process group, so we destroy it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Distributed:
+    """Join torchrun's (or Ray Train's) process group when there is one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        owns = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank, world, local = 0, 1, 0
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device(device)
+    return Distributed(rank, world, local, dev, owns)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate at `step` (linear warmup, then constant or cosine)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    # no weight decay on biases, norms and embedding tables' 1-D parameters (nanoGPT's rule)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU, for MFU; None when unknown (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
+        if key in name:
+            return value
+    return None
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"loss_generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["loss_generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (when installed), written by rank 0."""
+
+    def __init__(self, out: Path, tensorboard: bool) -> None:
+        self.path = out / "metrics.jsonl"
+        self.board = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.board = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def plot_loss(out: str | Path) -> Path | None:
+    """loss.png next to metrics.jsonl: the logged loss against the step."""
+    records = read_metrics(out)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out) / "loss.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | None = None,
+          on_step: Callable[[int, Any, Any], None] | None = None) -> TrainSummary:
+    """Train (or, with config.resume, continue) a NiT on the packs; returns what this call did.
+
+    `on_log` gets every logged record (rank 0); `on_step(step, batch, loss_terms)` every micro-step.
+    """
+    started = time.perf_counter()
+    ddp = setup_distributed(config.device)
+    device = ddp.device
+    out = Path(config.out)
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    if config.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data: one pack per micro-step, this rank's share, in a resumable order
+    loader = PackedLoader(config.packs, catalogs=config.catalogs, rank=ddp.rank, world_size=ddp.world_size,
+                          seed=config.seed, steps=config.steps * config.grad_accum, num_workers=config.workers,
+                          pin_memory=device.type == "cuda")
+    dataset = loader.dataset
+    _, _, catalogs = open_packs(config.packs, config.catalogs)
+    identity = data_identity(catalogs, loader.normalization, dataset.patch_size)
+    num_classes = config.num_classes or 1 + max(int(c.scan().select("label").max().collect().item())
+                                                for c in catalogs)
+
+    # model, EMA, optimizer; the same seed on every rank gives the same initial weights
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, in_channels=dataset.channels, patch_size=dataset.patch_size,
+                        mlp=config.mlp, attention=config.attention, num_classes=num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
+    loss_fn = FlowMatchingLoss(null_class=model.null_class, reduction=config.reduction,
+                               class_dropout_prob=config.class_dropout_prob, direction_loss=config.direction_loss)
+    generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + ddp.rank)  # distinct per rank
+    run_info = {"config": asdict(config), "model": asdict(model.config), "data": identity,
+                "world_size": ddp.world_size, "code_version": code_version()}
+
+    step = 0
+    if config.resume:
+        checkpoint = resolve_checkpoint(out)
+        saved = read_run_info(checkpoint)
+        check_data_identity(saved["data"], identity, where=str(checkpoint))
+        if saved["model"] != run_info["model"]:
+            raise ValueError(f"{checkpoint}: the checkpoint's model {saved['model']} differs from this config's "
+                             f"{run_info['model']}; resume with the config the run was started with")
+        state = load_training_state(checkpoint)
+        from nrtrain.checkpoint import load_weights
+
+        model.load_state_dict(load_weights(checkpoint, ema=False))
+        ema.load_state_dict(load_weights(checkpoint, ema=True))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loaders"][ddp.rank])
+        restore_rng(state["rng"][ddp.rank], generator)
+        step = int(state["step"])
+    if ddp.main:
+        (out / "config.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+
+    net = model
+    if ddp.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    if config.compile:
+        net = torch.compile(net)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext)
+    log = MetricsLog(out, config.tensorboard) if ddp.main else None
+    peak = peak_flops(device)
+    summary = TrainSummary(steps=0, final_step=step)
+    batches = iter(loader)
+    window = {"loss": 0.0, "images": 0, "tokens": 0, "flops": 0, "steps": 0, "time": time.perf_counter()}
+    model.train()
+
+    while step < config.steps:
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            batch = next(batches).to(device, non_blocking=True)
+            sync = micro == config.grad_accum - 1 or ddp.world_size == 1
+            with (nullcontext() if sync else net.no_sync()), autocast():
+                terms = loss_fn(net, batch, generator)
+            loss = terms.loss.float()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"step {step + 1} (rank {ddp.rank}, packs epoch {loader.epoch} step {loader.step}): the loss is "
+                    f"{loss.item()}; stopped without saving. The last good checkpoint is "
+                    f"{_latest_or_none(out)}. Lower lr (now {config.lr}), check the catalogs with "
+                    "`nr catalog validate`, then `nr train ... --resume`")
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+            window["images"] += batch.num_images
+            window["tokens"] += batch.num_tokens
+            window["flops"] += model_flops(model.config, batch.seqlens(), training=True)
+            if on_step:
+                on_step(step, batch, terms)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, config.ema_decay)
+        step += 1
+        summary.steps += 1
+        summary.losses.append(step_loss)
+        window["loss"] += step_loss
+        window["steps"] += 1
+
+        if step % config.log_every == 0 or step == config.steps:
+            record = _log_record(step, window, grad_norm, scheduler, ddp, peak)
+            window.update(loss=0.0, images=0, tokens=0, flops=0, steps=0, time=time.perf_counter())
+            if log is not None:
+                log.write(record)
+                if on_log:
+                    on_log(record)
+        if step % config.ckpt_every == 0 or step == config.steps:
+            summary.checkpoint = _checkpoint(out, step, model, ema, optimizer, scheduler, loader, generator,
+                                             run_info, ddp, config.keep_checkpoints)
+
+    if log is not None:
+        log.close()
+        plot_loss(out)
+    if ddp.owns_group:
+        dist.destroy_process_group()
+    summary.final_step = step
+    summary.model = model
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _latest_or_none(out: Path) -> str:
+    try:
+        return str(resolve_checkpoint(out))
+    except FileNotFoundError:
+        return "none (no checkpoint was written yet)"
+
+
+def _log_record(step: int, window: dict, grad_norm: torch.Tensor, scheduler, ddp: Distributed,
+                peak: float | None) -> dict[str, Any]:
+    seconds = max(1e-9, time.perf_counter() - window["time"])
+    n = max(1, window["steps"])
+    # every rank does the same amount of work per step (balanced packs), so rates scale by world size
+    record = {"step": step, "loss": window["loss"] / n, "grad_norm": float(grad_norm),
+              "lr": scheduler.get_last_lr()[0], "images_per_step": window["images"] * ddp.world_size / n,
+              "tokens_per_step": window["tokens"] * ddp.world_size / n,
+              "tokens_per_s": window["tokens"] * ddp.world_size / seconds, "seconds_per_step": seconds / n}
+    if peak:
+        record["mfu"] = window["flops"] / seconds / peak
+    return record
+
+
+def _checkpoint(out: Path, step: int, model, ema, optimizer, scheduler, loader: PackedLoader,
+                generator: torch.Generator, run_info: dict, ddp: Distributed, keep: int | None) -> str | None:
+    # every rank's cursor and RNG go into the one checkpoint rank 0 writes
+    local = {"loader": loader.state_dict(), "rng": rng_state(generator)}
+    if ddp.world_size > 1:
+        gathered: list[Any] = [None] * ddp.world_size
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    path = None
+    if ddp.main:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                 "loaders": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered]}
+        path = str(save_checkpoint(out, step, model=model, ema=ema, state=state, run_info=run_info, keep=keep))
+    if ddp.world_size > 1:
+        dist.barrier()
+    return path
