@@ -4,11 +4,11 @@ a peer stores them, and the checks that refuse a catalog a format cannot express
 An export holds one index part (the rows of one shard) in memory at a time, never the whole
 catalog; latents are sliced out of the memory-mapped shard of that part.
 
-Scaling convention, kept here for every exporter and for `import_nit`: a catalog stores `mode` and
-`sample` latents already multiplied by the manifest's `scaling_factor` (None meaning 1), which is
-how NiT, FiT and fast-DiT store theirs, and `moments` (mean then log-variance) unscaled, which is
-how U-ViT stores them. A latent therefore leaves the catalog bit for bit whenever the peer uses the
-catalog's own factor, and NiT's files import and export back exactly.
+Scaling convention (that of nr's encoders): a catalog stores what the encoder outputs, unscaled:
+the DC-AE latent (`mode`) or the KL posterior's mean and log-variance (`moments`); the manifest
+records the encoder's `scaling_factor`. NiT, FiT and fast-DiT store latents multiplied by that
+factor, so their exports multiply in float32 as those codebases do (`latent * scaling_factor`),
+and `import_nit` divides. U-ViT keeps unscaled moments and LightningDiT unscaled samples.
 """
 
 from __future__ import annotations
@@ -136,13 +136,6 @@ class CatalogRows:
 # -- latents as a peer stores them ---------------------------------------------------------------
 
 
-def stored_scale(encoder: EncoderInfo) -> float:
-    """The factor the catalog's latents already carry (see the module docstring)."""
-    if encoder.quantity == "moments":
-        return 1.0
-    return encoder.scaling_factor or 1.0
-
-
 def row_rng(seed: int, row_id: int) -> np.random.Generator:
     """A generator for one row: draws do not depend on which rows an earlier, interrupted run wrote."""
     return np.random.default_rng([seed, row_id])
@@ -152,21 +145,20 @@ def peer_latent(stored: np.ndarray, encoder: EncoderInfo, *, scale: float, draw:
                 rng: np.random.Generator | None = None) -> np.ndarray:
     """The float32 latent [C, h, w] a peer stores: the encoder's latent multiplied by `scale`.
 
-    mode/sample catalogs are rescaled only when `scale` differs from the factor they carry.
-    moments catalogs give the mean (draw="mode") or a sample mean + exp(logvar / 2) * noise with
-    the log-variance clamped as diffusers and LDM clamp it (draw="sample", noise from `rng`).
+    A `mode` or `sample` catalog gives its latent; a `moments` catalog the mean (draw="mode") or a
+    sample mean + exp(logvar / 2) * noise, the log-variance clamped as diffusers and LDM clamp it
+    (draw="sample", noise from `rng`). The arithmetic is float32, as in the peers' own extraction.
     """
-    if encoder.quantity != "moments":
-        have = stored_scale(encoder)
-        return stored if scale == have else (stored.astype(np.float64) * (scale / have)).astype(np.float32)
-    if draw not in DRAWS:
-        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
-    mean, logvar = stored[: encoder.channels], stored[encoder.channels:]
-    latent = mean.astype(np.float64)
-    if draw == "sample":
-        std = np.exp(0.5 * np.clip(logvar.astype(np.float64), *LOGVAR_RANGE))
-        latent = latent + std * rng.standard_normal(mean.shape)
-    return (latent * scale).astype(np.float32)
+    if encoder.quantity == "moments":
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
+        latent, logvar = stored[: encoder.channels], stored[encoder.channels:]
+        if draw == "sample":
+            std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+            latent = latent + std * rng.standard_normal(latent.shape, dtype=np.float32)
+    else:
+        latent = stored
+    return latent if scale == 1.0 else latent * np.float32(scale)
 
 
 # -- refusals ------------------------------------------------------------------------------------

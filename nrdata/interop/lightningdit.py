@@ -133,7 +133,7 @@ def _read_back_stats(path: Path) -> ChannelStats:
         n = latents.get_shape()[0]
         stats = ChannelStats.empty(latents.get_shape()[1])
         for start in range(0, n, READ_BACK_ROWS):
-            stats = stats.merge(_channel_stats(latents[start: start + READ_BACK_ROWS]))
+            stats = stats.merge(_channel_stats(latents[start: min(start + READ_BACK_ROWS, n)]))
     return stats
 
 

@@ -9,7 +9,8 @@
 
 `prefix` is the encoder's source name (`dc-ae-f32c32-sana-1.1-diffusers`); `part` is `nr`, `256x256`
 or `512x512` for one variant and `merge` for several, as in NiT's release. Each safetensors holds
-`latent`, float32 [2, 32, h, w] (the image's latent, then its mirror's), and `label`, int64 0-d.
+`latent`, float32 [2, 32, h, w] (the image's latent, then its mirror's, times the DC-AE scaling
+factor as NiT multiplies them), and `label`, int64 0-d.
 NiT's config then takes `jsonl_dir` = the JSONL, `packed_json` = the sampler meta, `data_types` =
 the type strings and `latent_dirs` = their folders, `image_dir` = the catalog's source root.
 """
@@ -87,7 +88,7 @@ def export_nit(catalog_path: str | Path, out_dir: str | Path, *, packs: str | Pa
     prefix = prefix or (PurePosixPath(manifest.encoder.source).name or manifest.encoder.name)
     part = meta_part(list(types.values()))
     jsonl_name = f"{prefix}_{part}_meta.jsonl"
-    require_scaling_factor(manifest, FORMAT)  # then the catalog holds latent * factor, as NiT's files do
+    scale = np.float32(require_scaling_factor(manifest, FORMAT))  # NiT stores latent * factor, in float32
     sampler = None if packs is None else _sampler_meta(packs, rows, variants)
 
     total = sum(rows.variants[v].rows for v in variants)
@@ -108,7 +109,7 @@ def export_nit(catalog_path: str | Path, out_dir: str | Path, *, packs: str | Pa
                 if out.has(relative):
                     summary.skipped += 1
                 else:
-                    tensors = {"latent": np.stack([rows.stored(row), rows.stored(row, flip=True)]),
+                    tensors = {"latent": np.stack([rows.stored(row), rows.stored(row, flip=True)]) * scale,
                                "label": np.array(row.label, np.int64)}
                     out.write_bytes(relative, safetensors.numpy.save(tensors))
                     summary.written += 1

@@ -3,11 +3,18 @@
 Every JSONL line becomes one row: key = `image_file`, variant from `type` (`native`, `256`, `512`),
 latent and flipped latent from `latent[0]` and `latent[1]`, label from `label` (NiT's preprocessing
 stores it as float32; it must hold a whole number). The manifest names DC-AE f32c32 with the
-`mode` quantity and its scaling factor, which NiT's latents already carry (the convention of
-`catalog_rows`), the native and center-crop policies NiT used, and flips stored; the writer computes
-the normalisation statistics on close. A file that is missing, unreadable or disagrees with its
-JSONL line becomes an error row. Re-running skips the keys already committed, without reading
-their files.
+`mode` quantity and its scaling factor, the native and center-crop policies NiT used, and flips
+stored; the writer computes the normalisation statistics on close. A file that is missing,
+unreadable or disagrees with its JSONL line becomes an error row. Re-running skips the keys
+already committed, without reading their files.
+
+NiT's files hold `latent * s` in float32 and a catalog holds the latent itself (see
+`catalog_rows`), so the import divides by s (in float64, rounded once to the catalog dtype).
+Exporting the imported catalog gives NiT's bytes back exactly: the nearest float32 to y / s is
+always one that float32 multiplication by s takes back to y. The other way, a float32 latent z
+comes back from export and import to within one unit in the last place: multiplying by s < 1
+in float32 sends some neighbouring floats to the same value, which no import can tell apart.
+bfloat16 and float16 latents, imported with their own dtype, come back exactly.
 """
 
 from __future__ import annotations
@@ -66,19 +73,24 @@ def _lines(path: Path):
 
 def import_nit(nit_dir: str | Path, out_catalog: str | Path, *, data_meta: str | Path | None = None,
                latent_dirs: dict[str, str | Path] | None = None, encoder: EncoderInfo = NIT_ENCODER,
-               image_root: str = "", progress: Callable[[int, int], None] | None = None) -> WriteSummary:
+               dtype: str | None = None, image_root: str = "",
+               progress: Callable[[int, int], None] | None = None) -> WriteSummary:
     """Import a NiT data folder (data_meta/ and the latent folders, as NiT's release and `export_nit`
     lay it out) into `out_catalog`, creating or resuming it.
 
-    `image_root`: NiT's `image_dir`, recorded as the catalog's source root.
+    `dtype`: the catalog's latent dtype (default: the files' own). `image_root`: NiT's `image_dir`,
+    recorded as the catalog's source root.
     """
     import safetensors.torch  # torch reads the bfloat16 files numpy cannot
 
+    if dtype not in (None, *CATALOG_DTYPES.values()):
+        raise ValueError(f"dtype must be one of {sorted(CATALOG_DTYPES.values())}, got {dtype!r}")
+    if encoder.scaling_factor is None:
+        raise ValueError(f"encoder {encoder.name} records no scaling factor; NiT's latents carry one")
     nit_dir = Path(nit_dir)
     jsonl = Path(data_meta) if data_meta is not None else find_data_meta(nit_dir)
     folders: dict[str, Path] = {}
     policies: dict[str, ResolutionPolicy] = {}
-    dtype = None
     total = 0
     for _, meta in _lines(jsonl):  # first pass: the data types, and the dtype of the first file found
         data_type = meta["type"]
@@ -86,7 +98,7 @@ def import_nit(nit_dir: str | Path, out_catalog: str | Path, *, data_meta: str |
             policies[data_type] = nit_policy(data_type, encoder.factor)
             folders[data_type] = Path((latent_dirs or {}).get(data_type) or find_latent_dir(nit_dir, data_type))
         path = folders[data_type] / meta["latent_file"]
-        if dtype is None and path.exists():
+        if dtype is None and path.exists():  # NiT's release is float32
             with safetensors.safe_open(path, "pt") as f:
                 dtype = _catalog_dtype(f.get_slice("latent").get_dtype(), path)
         total += 1
@@ -106,7 +118,7 @@ def import_nit(nit_dir: str | Path, out_catalog: str | Path, *, data_meta: str |
             else:
                 path = folders[meta["type"]] / meta["latent_file"]
                 try:
-                    row = _read_row(safetensors.torch.load_file(path), meta, variant, encoder.channels, dtype)
+                    row = _read_row(safetensors.torch.load_file(path), meta, variant, encoder, dtype)
                 except (OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
                     writer.add_error(key, "import", f"{jsonl.name} line {number}, {path}: {exc}", variant=variant,
                                      source=key)
@@ -123,15 +135,18 @@ def _catalog_dtype(dtype: str, path: Path) -> str:
     return CATALOG_DTYPES[dtype]
 
 
-def _read_row(tensors: dict, meta: dict, variant: str, channels: int, dtype: str) -> LatentRow:
+def _read_row(tensors: dict, meta: dict, variant: str, encoder: EncoderInfo, dtype: str) -> LatentRow:
+    import torch
+
     latent, label = tensors["latent"], tensors["label"]
-    if str(latent.dtype) != f"torch.{dtype}":  # catalog dtype names are torch's
-        raise ValueError(f"latent dtype {latent.dtype} differs from the other files' {dtype}")
-    want = (2, channels, meta["latent_h"], meta["latent_w"])
+    want = (2, encoder.channels, meta["latent_h"], meta["latent_w"])
     if tuple(latent.shape) != want:
         raise ValueError(f"latent shape {tuple(latent.shape)} is not {want} ([orig, flip], C, latent_h, latent_w)")
     if label.numel() != 1 or float(label) != int(label) or int(label) < 0:
         raise ValueError(f"label {label.tolist()} is not one whole non-negative class index")
+    # NiT multiplied in float32, by the factor rounded to float32
+    scale = float(torch.tensor(encoder.scaling_factor, dtype=torch.float32))
+    latent = (latent.double() / scale).to(getattr(torch, dtype))
     return LatentRow(
         key=meta["image_file"], variant=variant, latent=latent[0], latent_flip=latent[1], label=int(label),
         class_name=PurePosixPath(meta["latent_file"]).parent.name or None, source=meta["image_file"],
