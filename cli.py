@@ -286,6 +286,56 @@ def pack(
         console.print(f"NiT sampler-meta (epoch 0): {nit_json}")
 
 
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="Config file (TOML; e.g. configs/nit-xl.toml). "
+                                                          "Options below override it.", show_default=False)] = None,
+    packs: Annotated[Optional[Path], typer.Option(help="Packs file from `nr pack`.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder: checkpoints, metrics, config.",
+                                                show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model preset: tiny, S, B, L, XL.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set ema_decay=0.999 "
+                                                      "(repeatable).", show_default=False)] = None,
+) -> None:
+    """Train a NiT-style packed transformer on the packs of one or several catalogs.
+
+    One process per GPU with torchrun: torchrun --nproc_per_node 8 $(which nr) train CONFIG ...
+    Writes config.json, metrics.jsonl, TensorBoard logs, loss.png and checkpoints/step-*/ to --out.
+    """
+    from nrtrain.checkpoint import CheckpointMismatchError
+    from nrtrain.train import NonFiniteLossError, load_config, parse_override
+    from nrtrain.train import train as run_training
+
+    overrides = dict(parse_override(item) for item in set_ or [])
+    for key, value in (("packs", packs), ("out", out), ("model", model), ("steps", steps), ("lr", lr)):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    if resume:
+        overrides["resume"] = True
+    try:
+        cfg = load_config(config, overrides)
+        if not cfg.packs:
+            raise ValueError("no packs file: pass --packs (make one with `nr pack CATALOG -L 16384 --out ...`)")
+
+        def show(record: dict) -> None:
+            extra = f", MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            console.print(f"step {record['step']:>7}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                          f"{record['images_per_step']:.0f} img/step  {record['tokens_per_s']:,.0f} tok/s{extra}")
+
+        summary = run_training(cfg, on_log=show)
+    except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except NonFiniteLossError as exc:
+        err_console.print(f"[red]stopped:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if summary.checkpoint:
+        console.print(f"{summary.steps} steps in {summary.seconds:.0f} s; checkpoint {summary.checkpoint}")
+
+
 # -- nr catalog ------------------------------------------------------------------------------
 
 @catalog_app.command("info")
