@@ -270,3 +270,54 @@ def test_evaluation_count_is_the_solvers_own():
         sample(model, batch, torch.zeros(1, dtype=torch.int64), null_class=1, **asdict(config),
                generator=ImageNoise([(1, 2)], 3, [0], stream="sde"))
         assert count_evaluations(config) == (len(calls), calls.count(2))
+
+
+def test_kl_vae_checkpoints_decode_their_plain_latents_with_the_catalogs_statistics(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from nrdata.encoders import load_encoder
+    from nrtrain.checkpoint import load_model
+    from tests.vae_factory import KL_CONFIG
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**KL_CONFIG).save_pretrained(tmp_path / "kl")
+    encoder = load_encoder("sd-vae-ft-ema", str(tmp_path / "kl"), dtype="float32")
+    mean, std = [0.5, -0.2, 0.1, 0.0], [2.0, 0.5, 1.5, 1.0]
+    model = build_model("tiny", in_channels=4, patch_size=1, num_classes=CLASSES, attention="sdpa-loop")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    data = {"encoder": asdict(encoder.info), "dtype": "float32", "patch_size": 1, "max_latent_hw": [2, 2],
+            "normalization": {"mean": mean, "std": std, "count": 100}, "catalogs": []}
+    folder = save_checkpoint(tmp_path / "run", 1, model=model, ema=None, state={},
+                             run_info={"config": {}, "model": asdict(model.config), "data": data})
+    summary = generate(folder, SampleRequest(sizes=((16, 24),), count=2, seed=4, classes=(3,)), tmp_path / "out",
+                       **FAST)
+    assert summary.warnings == [] and summary.sizes[0].size.tokens == (2, 3)
+
+    # the same samples by hand: solver → un-normalise with the checkpoint's statistics → the VAE's decode
+    loaded, _ = load_model(folder)
+    noise = noise_pack([(2, 3)] * 2, 4, [4, 5], [3, 3])
+    tokens = sample(loaded, noise, noise.labels, null_class=CLASSES, **FAST).tokens
+    latents = tokens.reshape(2, 2, 3, 4).permute(0, 3, 1, 2) * torch.tensor(std)[:, None, None] + torch.tensor(
+        mean)[:, None, None]
+    expected = encoder.decode(latents)
+    for j in range(2):
+        assert np.array_equal(png(tmp_path / "out" / "16x24" / f"{j:06d}.png"), expected[j])
+    record = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert record["encoder"]["quantity"] == "moments" and record["checkpoint"]["ema"] is False
+
+
+def test_non_finite_samples_are_reported(tmp_path):
+    catalog = pixel_catalog(tmp_path / "catalog")
+    model = build_model("tiny", in_channels=3 * FACTOR**2, patch_size=PATCH, num_classes=CLASSES,
+                        attention="sdpa-loop")
+    with torch.no_grad():
+        model.final_layer.linear.bias[0] = float("nan")
+    run_info = {"config": {}, "model": asdict(model.config),
+                "data": data_identity([catalog], catalog_normalization(catalog), PATCH)}
+    folder = save_checkpoint(tmp_path / "run", 1, model=model, ema=model, state={}, run_info=run_info)
+    summary = generate(folder, SampleRequest(sizes=((8, 8),), count=2), tmp_path / "out", **FAST)
+    assert [p.name for p in summary.nonfinite] == ["000000.png", "000001.png"]
+    assert any("non-finite" in w for w in summary.warnings)
+    record = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert record["nonfinite"] == ["8x8/000000.png", "8x8/000001.png"]
