@@ -15,7 +15,7 @@ from nrtrain.model import build_model
 from nrtrain.normalize import catalog_normalization
 from nrtrain.packed import patchify
 from nrtrain.sample import LatentDecoder, count_evaluations, generate
-from nrtrain.sample_plan import SAMPLE_PRESETS, SampleRequest, plan_samples, resolve_sampler
+from nrtrain.sample_plan import SAMPLE_PRESETS, SampleRequest, parse_size, plan_samples, resolve_sampler
 from nrtrain.transport import ImageNoise, SamplerConfig, noise_pack, sample
 from tests.catalog_factory import POLICIES, make_manifest, make_rows, write_catalog
 
@@ -255,6 +255,9 @@ def test_presets_follow_nit_readme_rows_and_yield_to_options():
     plan = plan_samples(SampleRequest(count=1), factor=32, patch_size=1, num_classes=1000,
                         default_size=preset.size)
     assert plan.sizes[0].used == (256, 256)
+    assert parse_size("432x768") == (432, 768) and parse_size("256") == (256, 256)
+    with pytest.raises(ValueError, match="not HxW"):
+        parse_size("256x")
 
 
 def test_evaluation_count_is_the_solvers_own():
