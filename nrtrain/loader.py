@@ -32,6 +32,8 @@ batches are handed out, which is what makes `state_dict()` exact.
 from __future__ import annotations
 
 import hashlib
+import math
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,14 +41,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from numba import njit
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nrdata.catalog import Catalog, Normalization
+from nrdata.catalog import Catalog, Normalization, layout
+from nrdata.catalog.reader import ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
-from nrtrain.normalize import latent_from_moments, pooled_normalization, stored_to_float32
-from nrtrain.packed import PackedBatch, check_cu_seqlens
+from nrtrain.normalize import pooled_normalization, stored_to_float32, write_tokens
+from nrtrain.packed import PackedBatch
 
 # Tags that keep the loader's random streams apart from each other and from the packer's.
 _PACK_STREAM = 0x6C6F6164  # "load"
@@ -134,13 +138,12 @@ class PackedDataset(IterableDataset):
         self.channels = opened[0].manifest.encoder.channels
         self.token_dim = self.channels * self.patch_size**2
         self.digest = _packs_digest(table)
-        self._catalogs = opened
         self._dtypes = [c.manifest.dtype for c in opened]
-        self._moments = [c.manifest.encoder.quantity == "moments" for c in opened]
-        self._row_offsets = np.array([c["row_offset"] for c in metadata["catalogs"]], np.int64)
-        self._by_row = self._row_table(opened)
-        self._mean = np.repeat(np.asarray(self.normalization.mean, np.float32), self.patch_size**2)
-        self._std = np.repeat(np.asarray(self.normalization.std, np.float32), self.patch_size**2)
+        self._itemsizes = [c.manifest.itemsize for c in opened]
+        self._moments = np.array([c.manifest.encoder.quantity == "moments" for c in opened])
+        self._mean = np.asarray(self.normalization.mean, np.float32)
+        self._std = np.asarray(self.normalization.std, np.float32)
+        self._rows, self._shard_paths, self._buffers = _row_table(opened)
 
         row_ids = table.column("row_ids").combine_chunks()
         self._pack_rows = row_ids.flatten().to_numpy()
@@ -153,18 +156,12 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"{packs}: {table.num_rows} packs cannot give each of {world_size} ranks a step")
         self._epoch_starts = np.concatenate([[0], np.cumsum(per_epoch)])
         self.num_steps = self._bounded(epochs, steps)
-        self.start = 0
-
-    def _row_table(self, catalogs) -> dict[str, np.ndarray]:
-        """Per merged row id: its catalog, label, latent size and whether a twin is stored."""
-        index = [c.index for c in catalogs]
-        return {
-            "catalog": np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(index)]),
-            "label": np.concatenate([t["label"].to_numpy() for t in index]).astype(np.int64),
-            "h": np.concatenate([t["latent_h"].to_numpy() for t in index]).astype(np.int64),
-            "w": np.concatenate([t["latent_w"].to_numpy() for t in index]).astype(np.int64),
-            "flip": np.concatenate([t["flip"].to_numpy(zero_copy_only=False) for t in index]).astype(bool),
-        }
+        self.start = 0  # position the next iteration starts at
+        self.pool_key: str | None = None  # set by PackedLoader for the workers it starts
+        self.batch_capacity = _batch_layout(int(pc.max(table["tokens"]).as_py()), int(pc.max(table["images"]).as_py()),
+                                            self.token_dim)[1]
+        if self.num_steps:  # loads the compiled kernels now, before any worker forks
+            self.batch(0)
 
     def _bounded(self, epochs: int | None, steps: int | None) -> int:
         if epochs is not None and epochs < 1 or steps is not None and steps < 0:
@@ -208,70 +205,226 @@ class PackedDataset(IterableDataset):
 
     def batch(self, position: int) -> PackedBatch:
         """The batch at `position`, built from scratch (what iteration yields there)."""
+        return self._batch(position, None)[0]
+
+    def _batch(self, position: int, slot: torch.Tensor | None) -> tuple[PackedBatch, dict, int]:
         if not 0 <= position < self.num_steps:
             raise IndexError(f"position {position} is outside 0..{self.num_steps - 1}")
         epoch, step = self.cursor(position)
         packs_row = self._packs_row(epoch, step)
         row_ids = self._pack_rows[self._pack_offsets[packs_row]: self._pack_offsets[packs_row + 1]]
-        return self.build(row_ids, pack_generator(self.seed, epoch, int(self._pack_ids[packs_row])))
+        return self.build(row_ids, pack_generator(self.seed, epoch, int(self._pack_ids[packs_row])), slot)
 
-    def build(self, row_ids: np.ndarray, generator: np.random.Generator) -> PackedBatch:
-        """One PackedBatch of merged `row_ids`, drawing flips and moments noise from `generator`."""
-        p = self.patch_size
-        rows = self._by_row
+    def build(self, row_ids: np.ndarray, generator: np.random.Generator,
+              slot: torch.Tensor | None = None) -> tuple[PackedBatch, dict, int]:
+        """One PackedBatch of merged `row_ids`, drawing flips and moments noise from `generator`.
+
+        Written into `slot` (bytes) when one is given, else into a new buffer (in shared memory
+        inside a DataLoader worker). Returns (batch, its layout, its bytes).
+        """
+        p, rows, count = self.patch_size, self._rows, len(row_ids)
         h, w = rows["h"][row_ids] // p, rows["w"][row_ids] // p
         lengths = h * w
-        cu = np.zeros(len(row_ids) + 1, np.int64)
+        cu = np.zeros(count + 1, np.int64)
         np.cumsum(lengths, out=cu[1:])
-        flips = (generator.random(len(row_ids)) < 0.5) & rows["flip"][row_ids]
+        flips = (generator.random(count) < 0.5) & rows["flip"][row_ids]
         which = rows["catalog"][row_ids]
-        local = row_ids - self._row_offsets[which]
+        noise_sizes = np.where(self._moments[which], lengths * self.token_dim, 0)
+        noise_start = np.concatenate([[0], np.cumsum(noise_sizes)[:-1]])
+        noise = generator.standard_normal(int(noise_sizes.sum()), dtype=np.float32)
 
-        tokens = torch.empty((int(cu[-1]), self.token_dim), dtype=torch.float32)
-        out = tokens.numpy()
-        for i in range(len(row_ids)):
-            k = int(which[i])
-            z = stored_to_float32(self._catalogs[k].latent(int(local[i]), flip=bool(flips[i])), self._dtypes[k])
-            if self._moments[k]:
-                z = latent_from_moments(z, generator.standard_normal((self.channels, *z.shape[1:]), dtype=np.float32))
-            hi, wi = int(h[i]), int(w[i])
-            out[cu[i]: cu[i + 1]].reshape(hi, wi, self.channels, p, p)[...] = (
-                z.reshape(self.channels, hi, p, wi, p).transpose(1, 3, 0, 2, 4))
-        out -= self._mean
-        out /= self._std
+        spans, size = _batch_layout(int(cu[-1]), count, self.token_dim)
+        if slot is not None and size > slot.numel():
+            raise ValueError(f"a batch of {size} bytes does not fit a slot of {slot.numel()}")
+        if slot is None:
+            slot = torch.empty(size, dtype=torch.uint8)
+            if get_worker_info() is not None:  # fill shared memory directly rather than copy into it when sent
+                slot.share_memory_()
+        batch = _batch_views(slot, spans, int(lengths.max()))
+        buffers = self._shard_buffers()
+        shard, offset, nbytes = rows["shard"][row_ids], rows["offset"][row_ids], rows["nbytes"][row_ids]
+        for k in np.unique(which).tolist():  # usually one catalog; NiT's merge gives up to three
+            mine = np.flatnonzero(which == k)
+            stored = np.concatenate([buffers[s][f][o: o + n] for s, f, o, n in zip(
+                shard[mine].tolist(), flips[mine].tolist(), offset[mine].tolist(), nbytes[mine].tolist())])
+            src_start = np.concatenate([[0], np.cumsum(nbytes[mine] // self._itemsizes[k])[:-1]])
+            write_tokens(stored_to_float32(stored, self._dtypes[k]), src_start, self.channels, bool(self._moments[k]),
+                         noise, noise_start[mine], h[mine], w[mine], p, cu[mine], self._mean, self._std,
+                         batch.tokens.numpy().reshape(-1))
+        _write_positions(w, cu, batch.positions.numpy(), batch.image_ids.numpy())
+        batch.sizes.numpy()[:] = np.stack([h, w], axis=1)
+        batch.labels.numpy()[:] = rows["label"][row_ids]
+        batch.row_ids.numpy()[:] = row_ids
+        batch.cu_seqlens.numpy()[:] = cu
+        return batch, spans, size
 
-        image_ids = np.repeat(np.arange(len(row_ids)), lengths)
-        within = np.arange(int(cu[-1])) - cu[:-1][image_ids]
-        positions = np.stack([within // w[image_ids], within % w[image_ids]], axis=1)
-        batch = PackedBatch(
-            tokens=tokens,
-            sizes=torch.from_numpy(np.stack([h, w], axis=1)),
-            cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
-            max_seqlen=int(lengths.max()),
-            positions=torch.from_numpy(positions),
-            image_ids=torch.from_numpy(image_ids),
-            labels=torch.from_numpy(rows["label"][row_ids]),
-            row_ids=torch.from_numpy(np.array(row_ids, dtype=np.int64)),  # a copy: the view is read-only
-        )
-        check_cu_seqlens(batch.cu_seqlens, batch.num_tokens)
-        return batch
+    def _shard_buffers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        if self._buffers is None:
+            self._buffers = [_shard_buffers(path) for path in self._shard_paths]
+        return self._buffers
 
     def __getstate__(self) -> dict:
         # Workers started by spawn or forkserver get the dataset pickled: memory maps do not
-        # travel, so catalogs go as paths and each worker maps the shards itself.
-        state = dict(self.__dict__)
-        state["_catalogs"] = [c.root for c in self._catalogs]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._catalogs = [Catalog(root) for root in self._catalogs]
+        # travel, so each such worker maps the shards itself.
+        return {**self.__dict__, "_buffers": None}
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        for position in range(self.start + worker, self.num_steps, workers):
-            yield self.batch(position)
+        if info is None:
+            for position in range(self.start, self.num_steps):
+                yield self.batch(position)
+            return
+        pool = _POOLS.get(self.pool_key)  # absent when the workers were not forked from a PackedLoader
+        for n, position in enumerate(range(self.start + info.id, self.num_steps, info.num_workers)):
+            slot = None if pool is None else pool.claim(info.id, n)
+            if slot is None:
+                batch, spans, _ = self._batch(position, None)
+                yield _InBuffer(batch.tokens.untyped_storage(), spans, batch.max_seqlen)
+            else:
+                batch, spans, size = self._batch(position, pool.slot(info.id, slot))
+                yield _InSlot(self.pool_key, info.id, slot, spans, size, batch.max_seqlen)
+
+
+@njit(cache=True, nogil=True)
+def _write_positions(widths, cu, positions, image_ids):
+    """(row, col) and image index of every token of a pack, images row-major one after another."""
+    for i in range(widths.shape[0]):
+        w = widths[i]
+        for k in range(cu[i + 1] - cu[i]):
+            positions[cu[i] + k, 0] = k // w
+            positions[cu[i] + k, 1] = k % w
+            image_ids[cu[i] + k] = i
+
+
+def _shard_buffers(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(latent bytes, flipped twin bytes or None) of one shard, memory-mapped."""
+    view = ShardView(path)
+    return view.latent[1], None if view.flip is None else view.flip[1]
+
+
+def _row_table(catalogs: list[Catalog]) -> tuple[dict[str, np.ndarray], list[Path], list]:
+    """Per merged row id: its catalog, label, latent size, whether a twin is stored, and where its bytes
+    are (shard number, byte offset, byte count; a twin sits at the same offset of the twin column).
+    Also the shard paths, and the shards' buffers as opened to find the offsets."""
+    columns = {name: [] for name in ("catalog", "label", "h", "w", "flip", "shard", "offset", "nbytes")}
+    paths, buffers = [], []
+    for number, cat in enumerate(catalogs):
+        index = cat.index
+        names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
+        shard_rows = index["shard_row"].to_numpy()
+        offset = np.empty(len(index), np.int64)
+        by_shard = np.argsort(shard_of, kind="stable")
+        bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
+        for s, name in enumerate(names.tolist()):
+            path = cat.root / layout.SHARD_DIR / name
+            view = ShardView(path)
+            if view.flip is not None and not np.array_equal(view.flip[0], view.latent[0]):
+                raise ValueError(f"{path}: flipped twins are not laid out like the latents; run `nr catalog validate`")
+            rows = by_shard[bounds[s]: bounds[s + 1]]
+            offset[rows] = view.latent[0][shard_rows[rows]]
+            paths.append(path)
+            buffers.append((view.latent[1], None if view.flip is None else view.flip[1]))
+        columns["catalog"].append(np.full(len(index), number, np.int32))
+        columns["label"].append(index["label"].to_numpy().astype(np.int64))
+        columns["h"].append(index["latent_h"].to_numpy().astype(np.int64))
+        columns["w"].append(index["latent_w"].to_numpy().astype(np.int64))
+        columns["flip"].append(index["flip"].to_numpy(zero_copy_only=False).astype(bool))
+        columns["shard"].append((shard_of + len(paths) - len(names)).astype(np.int32))
+        columns["offset"].append(offset)
+        columns["nbytes"].append(index["nbytes"].to_numpy().astype(np.int64))
+    return {name: np.concatenate(parts) for name, parts in columns.items()}, paths, buffers
+
+
+# -- moving batches from workers to the training process -------------------------------------
+#
+# Every tensor of a batch is a view of one byte buffer (64-byte aligned spans), so that a batch
+# crosses processes as one buffer. A new shared-memory segment per batch costs more than building
+# the batch (creating, mapping and faulting in 2.6 MB on both sides), so `PackedLoader` gives its
+# workers a pool of slots allocated once: a worker fills a free slot, the training process copies
+# the batch out when it receives it and frees the slot. A worker that finds its slot still busy
+# falls back to a new segment, so nothing ever waits on the pool.
+
+_BATCH_DTYPES = {"tokens": torch.float32, "positions": torch.int64, "image_ids": torch.int64, "sizes": torch.int64,
+                 "labels": torch.int64, "row_ids": torch.int64, "cu_seqlens": torch.int32}
+
+
+def _batch_layout(num_tokens: int, num_images: int, token_dim: int) -> tuple[dict, int]:
+    shapes = {"tokens": (num_tokens, token_dim), "positions": (num_tokens, 2), "image_ids": (num_tokens,),
+              "sizes": (num_images, 2), "labels": (num_images,), "row_ids": (num_images,),
+              "cu_seqlens": (num_images + 1,)}
+    spans, size = {}, 0
+    for name, dtype in _BATCH_DTYPES.items():
+        spans[name] = (size, shapes[name])
+        size += -(-math.prod(shapes[name]) * dtype.itemsize // 64) * 64
+    return spans, size
+
+
+def _batch_views(buffer: torch.Tensor, spans: dict, max_seqlen: int) -> PackedBatch:
+    views = {}
+    for name, (start, shape) in spans.items():
+        dtype = _BATCH_DTYPES[name]
+        views[name] = buffer[start: start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+    return PackedBatch(max_seqlen=max_seqlen, **views)
+
+
+class _SlotPool:
+    """Per worker, `slots` shared byte buffers of `capacity` bytes and a busy flag for each."""
+
+    def __init__(self, workers: int, slots: int, capacity: int) -> None:
+        self.buffers = torch.empty((workers, slots, capacity), dtype=torch.uint8).share_memory_()
+        self.busy = torch.zeros((workers, slots), dtype=torch.int8).share_memory_()
+        self._busy = self.busy.numpy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._busy = self.busy.numpy()
+
+    def __getstate__(self) -> dict:
+        return {"buffers": self.buffers, "busy": self.busy}
+
+    def claim(self, worker: int, n: int) -> int | None:
+        """The slot for a worker's n-th batch, or None while the training process still holds it."""
+        slot = n % self._busy.shape[1]
+        if self._busy[worker, slot]:
+            return None
+        self._busy[worker, slot] = 1
+        return slot
+
+    def slot(self, worker: int, slot: int) -> torch.Tensor:
+        return self.buffers[worker, slot]
+
+    def release(self, worker: int, slot: int) -> None:
+        self._busy[worker, slot] = 0
+
+
+_POOLS: dict[str, _SlotPool] = {}  # pools of the loaders iterating in this process, by key
+
+
+class _InSlot:
+    """A batch in a pool slot: pickled as where it is, unpickled (in the training process) as a copy."""
+
+    def __init__(self, key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int) -> None:
+        self.args = (key, worker, slot, spans, size, max_seqlen)
+
+    def __reduce__(self):
+        return _batch_from_slot, self.args
+
+
+def _batch_from_slot(key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int) -> PackedBatch:
+    pool = _POOLS[key]
+    own = pool.slot(worker, slot)[:size].clone()
+    pool.release(worker, slot)
+    return _batch_views(own, spans, max_seqlen)
+
+
+class _InBuffer:
+    """A batch in its own shared buffer: pickled as that one buffer, unpickled as a PackedBatch."""
+
+    def __init__(self, storage: torch.UntypedStorage, spans: dict, max_seqlen: int) -> None:
+        self.args = (torch.empty(0, dtype=torch.uint8).set_(storage), spans, max_seqlen)
+
+    def __reduce__(self):
+        return _batch_views, self.args
 
 
 class PackedLoader:
@@ -284,7 +437,7 @@ class PackedLoader:
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  steps: int | None = None, num_workers: int = 2, pin_memory: bool = False,
-                 prefetch_factor: int = 4) -> None:
+                 prefetch_factor: int = 2) -> None:
         self.dataset = PackedDataset(packs, catalogs=catalogs, patch_size=patch_size, rank=rank,
                                      world_size=world_size, seed=seed, epochs=epochs, steps=steps)
         self.num_workers = int(num_workers)
@@ -309,13 +462,23 @@ class PackedLoader:
         return self.dataset.cursor(self.position)[1]
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        self.dataset.start = self.position  # read by the workers this iteration starts
-        workers = self.num_workers
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if workers else None)
-        for batch in loader:
-            self.position += 1
-            yield batch
+        dataset, workers = self.dataset, self.num_workers
+        key = uuid.uuid4().hex
+        if workers:
+            _POOLS[key] = _SlotPool(workers, self.prefetch_factor * workers + 2, dataset.batch_capacity)
+        # the workers take the start position and the pool key with them when they start, in iter()
+        dataset.start, dataset.pool_key = self.position, key
+        try:
+            try:
+                batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                                          prefetch_factor=self.prefetch_factor if workers else None))
+            finally:
+                dataset.pool_key = None
+            for batch in batches:
+                self.position += 1
+                yield batch
+        finally:
+            _POOLS.pop(key, None)
 
     def state_dict(self) -> dict:
         epoch, step = self.dataset.cursor(self.position)

@@ -256,3 +256,30 @@ def test_a_catalog_without_normalisation_or_another_patch_size_is_refused(tmp_pa
     write_manifest(cat.root, cat.manifest.with_normalization(Normalization()))  # as if the encode was killed
     with pytest.raises(NormalizationNotReadyError, match="no normalisation statistics.*nr encode"):
         PackedLoader(tmp_path / "p.parquet")
+
+
+def test_a_plain_dataloader_over_the_dataset_and_a_busy_slot_fall_back_to_one_buffer_per_batch(folder):
+    from torch.utils.data import DataLoader
+
+    from nrtrain.loader import _SlotPool
+
+    packs = packs_of(folder, ["flip_bf16"], name="flip_bf16-p1", patch_size=1)
+    dataset = PackedDataset(packs, seed=SEED)
+    serial = [dataset.batch(i) for i in range(dataset.num_steps)]
+    for a, b in zip(DataLoader(dataset, batch_size=None, num_workers=2), serial, strict=True):
+        assert_same_batch(a, b)
+    pool = _SlotPool(workers=1, slots=2, capacity=64)
+    assert [pool.claim(0, n) for n in range(3)] == [0, 1, None]  # slot 0 is still held for batch 2
+    pool.release(0, 0)
+    assert pool.claim(0, 2) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs an accelerator")
+def test_pinned_batches_equal_the_plain_ones(folder):
+    packs = packs_of(folder, ["moments_flip"], name="moments_flip-p1", patch_size=1)
+    plain = list(PackedLoader(packs, seed=SEED, num_workers=0))
+    pinned = list(PackedLoader(packs, seed=SEED, num_workers=2, pin_memory=True))
+    assert all(b.tokens.is_pinned() for b in pinned)
+    for a, b in zip(pinned, plain, strict=True):
+        assert_same_batch(a, b)
+        assert_same_batch(a.to("cuda", non_blocking=True).to("cpu"), b)

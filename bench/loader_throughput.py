@@ -1,0 +1,201 @@
+"""Packed loader throughput against NiT's one-safetensors-file-per-image layout, same latents, same run.
+
+Builds a catalog of DC-AE f32c32-like native-resolution latents (32 channels, bfloat16, flipped
+twin stored, as NiT stores both flips), packs it at L=16384 (LPFHP, patch size 1, as NiT-XL), and
+measures two loaders with the same number of DataLoader workers, one pack per batch:
+
+* nr: `nrtrain.loader.PackedLoader` over the catalog's memory-mapped Arrow shards;
+* NiT layout: one safetensors file per image under <class>/<stem>.safetensors holding `latent`
+  [2, C, h, w] and a 0-d `label`, read with `safetensors.torch.load_file` (NiT's
+  `ImprovedPackedImageNetLatentDataset.__getitem__`), a random twin, the same normalisation, and
+  the same patchify and PackedBatch construction (`nrtrain.packed.pack_latents`). To save disk and
+  time only the rows of the first `--baseline-packs` packs get files; both loaders read packs of
+  the same packing, so per-pack rates compare directly. The files hold the same bf16 latents
+  (NiT writes float32, twice the bytes, which would only slow the baseline further).
+
+Latent sizes follow ImageNet-1k at DC-AE f32 native resolution (NiT's rule: each side floored to a
+multiple of 32 px): side lengths in tokens are h ~ N(12, 2.5), w ~ N(13, 2.5), rounded and clipped
+to 5..16, independently (mean about 12 x 13 = 156 tokens; ImageNet's typical 500x375 photo gives
+15 x 11 = 165 tokens, and most photos are at most 500 px on their long side).
+
+All files are read warm (they were just written and sit in the page cache): this compares the
+cost of the formats and the loaders, not the disk; a cold read of one file per image is slower.
+
+    python bench/loader_throughput.py                   # 100k rows in a temporary folder
+    python bench/loader_throughput.py --dir /tmp/lt     # keep the data there and reuse it next time
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nrdata.catalog import Catalog, CatalogWriter, EncoderInfo, LatentRow, Manifest
+from nrdata.packing.catalog_packs import open_packs, pack_catalogs, write_pack_result
+from nrtrain.loader import PackedLoader
+from nrtrain.packed import pack_latents
+
+CHANNELS = 32
+SIDES = (5, 16)
+
+
+def latent_sides(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    h = np.clip(np.rint(rng.normal(12.0, 2.5, n)), *SIDES).astype(int)
+    w = np.clip(np.rint(rng.normal(13.0, 2.5, n)), *SIDES).astype(int)
+    return h, w
+
+
+def build_catalog(root: Path, rows: int, seed: int) -> None:
+    manifest = Manifest(
+        encoder=EncoderInfo(name="dc-ae-f32c32", source="bench", revision=None, factor=32, channels=CHANNELS,
+                            quantity="mode", scaling_factor=0.41407),
+        dtype="bfloat16",
+        policies=({"kind": "native", "unit": 32, "max_area": 2048 * 2048, "target": None, "variant": "native"},),
+        flip="store",
+    )
+    rng = np.random.default_rng(seed)
+    # a pool of random bf16 words, sliced per row: the values do not matter, only sizes and layout
+    pool = (rng.standard_normal((64, CHANNELS, 16, 16)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    hs, ws = latent_sides(rng, rows)
+    with CatalogWriter(root, manifest, shard_rows=8192) as writer:
+        for i, (h, w) in enumerate(zip(hs.tolist(), ws.tolist())):
+            label = i % 1000
+            writer.add(LatentRow(key=f"n{label:08d}/img_{i:07d}", variant="native", label=label,
+                                 latent=pool[i % 64][:, :h, :w], latent_flip=pool[(i + 1) % 64][:, :h, :w]))
+
+
+def write_nit_files(root: Path, catalog: Catalog, rows: np.ndarray) -> list[Path]:
+    """One safetensors file per row in NiT's layout; returns the paths in `rows` order."""
+    from safetensors.torch import save_file
+
+    keys = catalog.index["key"].to_pylist()
+    labels = catalog.index["label"].to_numpy()
+    paths = []
+    for row in rows.tolist():
+        path = root / f"{keys[row]}.safetensors"
+        paths.append(path)
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pair = torch.stack([catalog.latent_torch(row), catalog.latent_torch(row, flip=True)])
+        save_file({"latent": pair.contiguous(), "label": torch.tensor(float(labels[row]))}, str(path))
+    return paths
+
+
+class NitLayoutPacks(Dataset):
+    """Packs read NiT's way: a file per image, a random twin, normalise, patchify, pack."""
+
+    def __init__(self, packs: list[np.ndarray], path_of: dict[int, Path], mean: torch.Tensor, std: torch.Tensor):
+        self.packs, self.path_of = packs, path_of
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int):
+        from safetensors.torch import load_file
+
+        latents, labels = [], []
+        for row in self.packs[i].tolist():
+            item = load_file(str(self.path_of[row]))
+            twin = int(torch.randint(0, 2, ()))
+            latents.append((item["latent"][twin].float() - self.mean) / self.std)
+            labels.append(int(item["label"]))
+        return pack_latents(latents, labels, 1, row_ids=self.packs[i])
+
+
+def timed(batches) -> dict:
+    """Wall time of the whole iteration and of everything after the first batch (steady state)."""
+    start = time.perf_counter()
+    first = None
+    packs = images = tokens = 0
+    for batch in batches:
+        if first is None:
+            first = time.perf_counter()
+        packs += 1
+        images += batch.num_images
+        tokens += batch.num_tokens
+    end = time.perf_counter()
+    steady = (packs - 1) / (end - first) if packs > 1 else float("nan")
+    return {"packs": packs, "images": images, "tokens": tokens, "seconds": end - start, "first": first - start,
+            "packs_s": packs / (end - start), "steady_packs_s": steady, "latents_s": images / (end - start)}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--max-tokens", type=int, default=16_384)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baseline-packs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", type=Path, default=None, help="keep data here and reuse it (default: a temp dir)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    root = args.dir or Path(tempfile.mkdtemp(prefix="nr-loader-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    catalog_dir, packs_path, nit_dir = root / "catalog", root / "packs.parquet", root / "nit"
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+    print(f"load average before: {load_average()}")
+    try:
+        t0 = time.perf_counter()
+        if not (catalog_dir / "manifest.json").exists():
+            build_catalog(catalog_dir, args.rows, args.seed)
+        elif len(Catalog(catalog_dir)) != args.rows:
+            raise SystemExit(f"{catalog_dir} holds {len(Catalog(catalog_dir)):,} rows, not {args.rows:,}: "
+                             "pass the same --rows or another --dir")
+        if not packs_path.exists():
+            write_pack_result(packs_path, pack_catalogs([catalog_dir], max_tokens=args.max_tokens, seed=args.seed))
+        table, _, (catalog,) = open_packs(packs_path)
+        pack_rows = [np.asarray(r, np.int64) for r in table["row_ids"].to_pylist()]
+        first_packs = pack_rows[: args.baseline_packs]
+        paths = write_nit_files(nit_dir, catalog, np.concatenate(first_packs))
+        path_of = dict(zip(np.concatenate(first_packs).tolist(), paths))
+        sizes = catalog.index["latent_h"].to_numpy() * catalog.index["latent_w"].to_numpy()
+        disk = sum(p.stat().st_size for p in (catalog_dir / "shards").iterdir())
+        print(f"data: {args.rows:,} rows, {CHANNELS}x h x w bf16 with flipped twin, tokens per image mean "
+              f"{sizes.mean():.1f} (min {sizes.min()}, max {sizes.max()}); shards {disk / 2**30:.2f} GiB; "
+              f"{len(pack_rows)} packs at L={args.max_tokens}, {np.mean([len(p) for p in pack_rows]):.1f} images/pack; "
+              f"{len(paths):,} NiT-layout files for the first {len(first_packs)} packs; prepared in "
+              f"{time.perf_counter() - t0:.0f} s ({root})")
+
+        loader = PackedLoader(packs_path, num_workers=args.workers, epochs=1)
+        nr = timed(loader)
+        norm = loader.normalization
+        baseline_set = NitLayoutPacks(first_packs, path_of, torch.tensor(norm.mean), torch.tensor(norm.std))
+        nit = timed(DataLoader(baseline_set, batch_size=None, num_workers=args.workers, prefetch_factor=4))
+        nr_again = timed(PackedLoader(packs_path, num_workers=args.workers, steps=nit["packs"] * 4))
+
+        print(f"load average after: {load_average()}")
+        print(f"{'loader':<34}{'packs':>7}{'seconds':>9}{'packs/s':>9}{'steady':>9}{'latents/s':>11}{'MB/s':>8}")
+        for name, r in ((f"nr PackedLoader, {args.workers} workers", nr),
+                        (f"NiT layout, {args.workers} workers (subset)", nit),
+                        ("nr PackedLoader again (4x subset)", nr_again)):
+            mbs = r["tokens"] * CHANNELS * 2 / r["seconds"] / 1e6
+            print(f"{name:<34}{r['packs']:>7}{r['seconds']:>9.2f}{r['packs_s']:>9.1f}{r['steady_packs_s']:>9.1f}"
+                  f"{r['latents_s']:>11,.0f}{mbs:>8.0f}")
+        ratio = nr["packs_s"] / nit["packs_s"]
+        print(f"ratio nr / NiT layout: {ratio:.1f}x packs/s, {nr['latents_s'] / nit['latents_s']:.1f}x latents/s "
+              f"(first-batch latency {nr['first']:.2f} s vs {nit['first']:.2f} s)")
+        print(f"bar: >= 10x and >= 100 packs/s: {'met' if ratio >= 10 and nr['packs_s'] >= 100 else 'NOT met'}")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
