@@ -336,6 +336,101 @@ def train(
         console.print(f"{summary.steps} steps in {summary.seconds:.0f} s; checkpoint {summary.checkpoint}")
 
 
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder or checkpoints/step-* folder.", exists=True,
+                                               show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder (PNGs, samples.npz, grid.png, provenance.json).",
+                                      show_default=False)],
+    size: Annotated[Optional[list[str]], typer.Option(help="HxW in pixels, e.g. 256x256 or 432x768 (repeatable); "
+                                                      "rounded to the unit and logged [default: the preset's].",
+                                                      show_default=False)] = None,
+    count: Annotated[Optional[int], typer.Option(help="Samples per size.", show_default=False)] = None,
+    classes: Annotated[str, typer.Option(help="'random' or class ids, e.g. 1,207,360.")] = "random",
+    per_class: Annotated[Optional[int], typer.Option(help="N samples of each class (FID runs).",
+                                                     show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Base seed: sample j uses seed + j, so any sample can be "
+                                           "regenerated alone.")] = 0,
+    index: Annotated[Optional[list[int]], typer.Option(help="Make only sample j (repeatable).",
+                                                       show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A row of NiT's README: nit-256, nit-512, nit-1024, "
+                                                       "nit-432x768, ...", show_default=False)] = None,
+    solver: Annotated[Optional[str], typer.Option(help="euler, heun or euler-maruyama [default: euler].",
+                                                  show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Solver steps [default: 50].", show_default=False)] = None,
+    cfg: Annotated[Optional[float], typer.Option(help="Guidance scale (1 = off) [default: 1].",
+                                                 show_default=False)] = None,
+    cfg_interval: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Guide only for t in [LOW, HIGH] (t=1 is noise); outside it one model call per step.",
+        show_default=False)] = None,
+    shift: Annotated[Optional[float], typer.Option(help="Timestep shift (>1 spends steps near noise).",
+                                                   show_default=False)] = None,
+    rope_extrapolation: Annotated[str, typer.Option(help="For sizes beyond training: none, linear, dynntk, "
+                                                         "yarn.")] = "none",
+    decouple: Annotated[bool, typer.Option(help="Extrapolate each axis by its own ratio (FiT).")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="Model dtype [default: bfloat16 on GPU, float32 on CPU].",
+                                                 show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Sample with the EMA weights.")] = True,
+    catalog: Annotated[Optional[list[Path]], typer.Option(help="Check the checkpoint against these catalogs "
+                                                               "first (repeatable).", show_default=False)] = None,
+    encoder_source: Annotated[Optional[str], typer.Option(help="Where the decoder's weights are, when not "
+                                                               "where the catalog's manifest says.",
+                                                          show_default=False)] = None,
+) -> None:
+    """Generate images at any size and aspect ratio from a checkpoint, decode them with the catalog's
+    encoder, and write what the ADM evaluator reads, plus a provenance JSON.
+
+    Re-running skips samples that exist. Several GPUs: torchrun --nproc_per_node N $(which nr) sample ...
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nrtrain.checkpoint import CheckpointMismatchError
+    from nrtrain.sample import generate
+    from nrtrain.sample_plan import SampleRequest, parse_size
+    from nrtrain.train import setup_distributed
+
+    try:
+        request = SampleRequest(
+            sizes=tuple(parse_size(s) for s in size or ()), count=count, per_class=per_class, seed=seed,
+            classes="random" if classes == "random" else tuple(int(c) for c in classes.split(",")),
+            indices=tuple(index) if index else None)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    ddp = setup_distributed(device)
+    with Progress(TextColumn("[bold]sample[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not ddp.main) as bar:
+        task = bar.add_task("sample", total=None)
+        try:
+            summary = generate(checkpoint, request, out, device=ddp.device, dtype=dtype, preset=preset, solver=solver,
+                               steps=steps, cfg_scale=cfg, cfg_interval=cfg_interval, shift=shift,
+                               rope_extrapolation=rope_extrapolation, decouple=decouple, batch_size=batch_size,
+                               ema=ema, catalogs=catalog, encoder_source=encoder_source, rank=ddp.rank,
+                               world_size=ddp.world_size,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    if not ddp.main:
+        return
+    s = summary.sampler
+    console.print(f"{summary.generated} made, {summary.skipped} already there; {s.solver} {s.steps} steps, NFE "
+                  f"{summary.nfe} ({summary.guided_nfe} guided), CFG {s.cfg_scale} on {list(s.cfg_interval)}, "
+                  f"{summary.seconds:.1f} s")
+    for outcome in summary.sizes:
+        c = outcome.size
+        notes = [n for n, on in (("rounded from %dx%d" % c.requested, c.rounded),
+                                 ("beyond the training size", outcome.beyond_training),
+                                 (f"RoPE {rope_extrapolation}", outcome.extrapolated)) if on]
+        console.print(f"  {c.name} ({c.tokens[0]}x{c.tokens[1]} tokens){': ' + ', '.join(notes) if notes else ''}"
+                      f"  npz {outcome.npz or '-'}  grid {outcome.grid or '-'}", soft_wrap=True)
+    for warning in summary.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"provenance: {summary.provenance}")
+
+
 # -- nr catalog ------------------------------------------------------------------------------
 
 @catalog_app.command("info")

@@ -204,7 +204,7 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     if todo:
         decoder = LatentDecoder(encoder, data["normalization"]["mean"], data["normalization"]["std"], patch_size,
                                 device=device, batch_size=decode_batch_size)
-        model, _ = load_model(folder, ema=ema, device=device)
+        model, _ = load_model(folder, ema=ema, device=device, attention="auto")
         model = model.to(dtype=model_dtype)
 
     out_dir.mkdir(parents=True, exist_ok=True)
