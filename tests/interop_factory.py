@@ -81,8 +81,3 @@ def write_catalog(root, manifest: Manifest, rows: list[LatentRow], shard_rows: i
             writer.add(row)
     return rows
 
-
-def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32)

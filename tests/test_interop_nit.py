@@ -13,8 +13,8 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from interop_factory import make_manifest, make_rows, to_float32, write_catalog
-from nrdata.catalog import Catalog, CatalogWriter, LatentRow
+from interop_factory import make_manifest, make_rows, write_catalog
+from nrdata.catalog import Catalog, LatentRow
 from nrdata.interop import (
     NIT_ENCODER,
     ExportMismatchError,

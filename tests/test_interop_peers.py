@@ -254,7 +254,7 @@ def test_uvit_pickled_moments_and_labels(sdvae_catalog, tmp_path):
 REFUSALS = [
     (export_lightningdit, "dc-ae-f32c32", ["256"], {}, {}, "--encoder va-vae-f16d32"),
     (export_lightningdit, "va-vae-f16d32", ["native"], {}, {}, "center-crop"),
-    (export_lightningdit, "va-vae-f16d32", ["256", "512"], {}, {}, "pass variant="),
+    (export_lightningdit, "va-vae-f16d32", ["256", "512"], {}, {}, "choose one"),
     (export_lightningdit, "va-vae-f16d32", ["256"], {"flip": "none"}, {}, "--flip store"),
     (export_fit, "sd-vae-ft-ema", ["fit:256"], {"unit": 8}, {}, "unit 8"),
     (export_fit, "sd-vae-ft-ema", ["256"], {"unit": 16}, {}, "--variants fit:256"),

@@ -64,7 +64,6 @@ class CatalogRow:
     latent_c: int
     latent_h: int
     latent_w: int
-    flip: bool
     shard: ShardView
     shard_row: int
 
@@ -118,7 +117,7 @@ class CatalogRows:
                     row_id=r["row_id"], key=r["key"], variant=r["variant"], label=r["label"],
                     class_name=r["class_name"], source=r["source"], orig_w=r["orig_w"], orig_h=r["orig_h"],
                     image_w=r["image_w"], image_h=r["image_h"], latent_c=r["latent_c"], latent_h=r["latent_h"],
-                    latent_w=r["latent_w"], flip=r["flip"], shard=shard, shard_row=r["shard_row"])
+                    latent_w=r["latent_w"], shard=shard, shard_row=r["shard_row"])
 
     def stored(self, row: CatalogRow, *, flip: bool = False) -> np.ndarray:
         """The stored latent [C', h, w] of a row (its mirrored twin with flip=True) in float32."""
@@ -214,7 +213,8 @@ def choose_variants(rows: CatalogRows, fmt: str, requested: str | None, kinds: C
             f"{fmt} takes {' or '.join(kinds)} variants and this catalog has none with rows "
             f"(it has {list(rows.manifest.variants)}); encode with: {hint}")
     elif single and len(accepted) > 1:
-        raise UnsupportedCatalogError(f"{fmt} takes one variant at a time and this catalog has {accepted}; pass variant=")
+        raise UnsupportedCatalogError(f"{fmt} takes one variant at a time and this catalog has {accepted}; "
+                                      "choose one (variant=, nr export --variant)")
     else:
         chosen = accepted
     for variant in chosen:

@@ -73,11 +73,13 @@ class ExportDir:
                     "content_fingerprint": rows.catalog.content_fingerprint(), "options": options}
         path = self.root / RECORD_NAME
         if path.exists():
-            recorded = json.loads(path.read_text()).get("identity")
-            if recorded != identity:
+            recorded = json.loads(path.read_text()).get("identity") or {}
+            differing = [k for k in identity if recorded.get(k) != identity[k]]
+            if differing:
                 raise ExportMismatchError(
-                    f"{self.root} holds another export ({path}: {json.dumps(recorded)}), not {json.dumps(identity)}; "
-                    "export into a new folder or delete this one")
+                    f"{self.root} holds another export: its {', '.join(differing)} differ from this one's "
+                    f"(recorded in {path.name}: {json.dumps({k: recorded.get(k) for k in differing})}); a changed "
+                    "catalog shows as a new content_fingerprint; export into a new folder or delete this one")
             return
         if any(p.name not in (LOCK_NAME, STAGING_NAME) for p in self.root.iterdir()):
             raise ExportMismatchError(f"{self.root} is not empty and holds no {RECORD_NAME}; export into a new folder")
