@@ -431,6 +431,101 @@ def sample(
     console.print(f"provenance: {summary.provenance}")
 
 
+@app.command("export")
+def export_catalog(
+    format: Annotated[str, typer.Argument(help="nit, fit, lightningdit, fastdit (also U-DiT) or uvit (also DiMR).",
+                                          show_default=False)],
+    catalog: CatalogPath,
+    out: Annotated[Path, typer.Option(help="Output folder in the peer's layout.", show_default=False)],
+    variant: Annotated[Optional[str], typer.Option(help="Variant to export when the catalog holds several.",
+                                                   show_default=False)] = None,
+    packs: Annotated[Optional[Path], typer.Option(help="nit only: also write NiT sampler-meta JSON from this "
+                                                       "packs file.", show_default=False)] = None,
+    draw: Annotated[Optional[str], typer.Option(help="fit, lightningdit, fastdit: from stored moments take a "
+                                                     "'sample' or the 'mode' [default: sample].",
+                                                show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the per-row draws.")] = 0,
+    flips: Annotated[Optional[str], typer.Option(help="fastdit only: 'random' twin per image or 'none'.",
+                                                 show_default=False)] = None,
+    shard_rows: Annotated[Optional[int], typer.Option(help="lightningdit only: rows per shard [default: 10000].",
+                                                      show_default=False)] = None,
+    udit_padding: Annotated[bool, typer.Option(help="fastdit only: one extra file, because U-DiT drops its "
+                                                    "last one.")] = True,
+) -> None:
+    """Write a catalog in the layout of NiT, FiT, LightningDiT, fast-DiT/U-DiT or U-ViT/DiMR, streaming and
+    resumable. A catalog the format cannot express is refused with the encode command that makes one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nrdata.interop import EXPORTERS, ExportMismatchError, UnsupportedCatalogError
+    from nrdata.packing.catalog_packs import PacksMismatchError
+
+    if format not in EXPORTERS:
+        err_console.print(f"[red]error:[/red] unknown format {format!r}; choose one of {', '.join(EXPORTERS)}")
+        raise typer.Exit(2)
+    options = {"variant": variant}
+    allowed = {"packs": ("nit",), "draw": ("fit", "lightningdit", "fastdit"), "flips": ("fastdit",),
+               "shard_rows": ("lightningdit",)}
+    for name, value in (("packs", packs), ("draw", draw), ("flips", flips), ("shard_rows", shard_rows)):
+        if value is None:
+            continue
+        if format not in allowed[name]:
+            err_console.print(f"[red]error:[/red] --{name.replace('_', '-')} applies to {', '.join(allowed[name])}, "
+                              f"not {format}")
+            raise typer.Exit(2)
+        options[name] = value
+    if format in ("fit", "lightningdit", "fastdit"):
+        options["seed"] = seed
+    if format == "fastdit":
+        options["udit_padding"] = udit_padding
+    with Progress(TextColumn(f"[bold]export {format}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("export", total=None)
+        try:
+            summary = EXPORTERS[format](catalog, out, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                              total=total), **options)
+        except (UnsupportedCatalogError, ExportMismatchError, PacksMismatchError, ValueError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    console.print(f"{summary.rows} rows: {summary.written} written, {summary.skipped} already there -> {summary.out_dir}")
+    for name, path in summary.outputs.items():
+        console.print(f"  {name}: {path}", soft_wrap=True)
+
+
+import_app = typer.Typer(help="Bring latents made by other codebases into a catalog.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("nit")
+def import_nit_command(
+    nit_dir: Annotated[Path, typer.Argument(help="NiT's preprocessed ImageNet folder (data_meta JSONL + "
+                                                 "per-image safetensors).", exists=True, file_okay=False,
+                                            show_default=False)],
+    out: Annotated[Path, typer.Option(help="Catalog to create or resume.", show_default=False)],
+    data_meta: Annotated[Optional[Path], typer.Option(help="The JSONL to read [default: found under DIR].",
+                                                      show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 (NiT's), float16, bfloat16.",
+                                                 show_default=False)] = None,
+    image_root: Annotated[str, typer.Option(help="Where the source JPEGs are, recorded in the manifest.")] = "",
+) -> None:
+    """Turn NiT's released latents into an nr catalog (DC-AE f32c32 manifest, flips kept), so the packer,
+    loader and trainer work on them without re-encoding. Resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nrdata.interop import import_nit
+
+    with Progress(TextColumn("[bold]import nit[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("import", total=None)
+        try:
+            summary = import_nit(nit_dir, out, data_meta=data_meta, dtype=dtype, image_root=image_root,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (ValueError, FileNotFoundError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    console.print(f"{summary.committed} rows imported, {summary.skipped} already there, {summary.errors} error rows "
+                  f"-> {out}  (nr catalog info {out})", soft_wrap=True)
+
+
 # -- nr catalog ------------------------------------------------------------------------------
 
 @catalog_app.command("info")

@@ -61,3 +61,33 @@ def test_version_and_doctor():
     assert version.exit_code == 0 and version.output.startswith("nr ")
     doctor = runner.invoke(app, ["doctor"])
     assert "torch" in doctor.output and "attention backend" in doctor.output and "sdpa-loop" in doctor.output
+
+
+def test_export_nit_and_import_it_back_through_the_cli(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from interop_factory import make_manifest, make_rows, write_catalog
+
+    from nrdata.catalog import Catalog
+
+    manifest = make_manifest("dc-ae-f32c32", ["native", "256"], dtype="bfloat16")
+    write_catalog(tmp_path / "cat", manifest, make_rows(manifest, 6))
+    result = runner.invoke(app, ["export", "nit", str(tmp_path / "cat"), "--out", str(tmp_path / "nit")])
+    assert result.exit_code == 0, result.output
+    assert "12 rows: 12 written" in result.output
+    refused = runner.invoke(app, ["export", "uvit", str(tmp_path / "cat"), "--out", str(tmp_path / "u")])
+    assert refused.exit_code == 2 and "nr encode SOURCE CATALOG --encoder sd-vae-ft-ema" in refused.output
+    wrong = runner.invoke(app, ["export", "fit", str(tmp_path / "cat"), "--out", str(tmp_path / "f"),
+                                "--packs", "p.parquet"])
+    assert wrong.exit_code == 2 and "--packs applies to nit" in wrong.output
+    back = runner.invoke(app, ["import", "nit", str(tmp_path / "nit"), "--out", str(tmp_path / "back"),
+                               "--dtype", "bfloat16"])
+    assert back.exit_code == 0, back.output
+    a, b = Catalog(tmp_path / "cat"), Catalog(tmp_path / "back")
+    assert len(a) == len(b) == 12
+    rows_a = {(r["key"], r["variant"]): r for r in a.index.to_pylist()}
+    for r in b.index.to_pylist():
+        mine = rows_a[(r["key"], r["variant"])]
+        assert (r["label"], r["latent_h"], r["latent_w"]) == (mine["label"], mine["latent_h"], mine["latent_w"])
+        assert (b.latent(r["row_id"]) == a.latent(mine["row_id"])).all()

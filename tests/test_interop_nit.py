@@ -260,7 +260,7 @@ def test_an_output_holding_another_export_is_refused(catalog, tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("sd-vae", "--encoder dc-ae-f32c32"),
-    ("no-flips", "--flip store"),
+    ("no-flips", "--flip"),
     ("fit-variant", "native or center-crop"),
     ("unlabelled", "label -1"),
 ])

@@ -36,7 +36,8 @@ class UnsupportedCatalogError(ValueError):
 
 
 def encode_hint(encoder: str, variants: str) -> str:
-    return f"nr encode SOURCE --out CATALOG --encoder {encoder} --variants {variants} --flip store"
+    flags = " ".join(f"--variant {v}" for v in variants.split(","))
+    return f"nr encode SOURCE CATALOG --encoder {encoder} {flags} --flip"
 
 
 @dataclass(frozen=True)
