@@ -18,7 +18,11 @@ What a batch is. Latents are memory-mapped views of the catalogs' shards (no fil
 converted to float32; a stored flipped twin is taken with probability 1/2; for moments catalogs a
 latent is sampled, z = mean + exp(logvar / 2) * eps; then z_norm = (z - mean) / std with the
 statistics of the manifests (pooled when several catalogs, see `normalize`), and patchified with the
-model's patch size, which must be the one the packs were built for.
+model's patch size, which must be the one the packs were built for. With `repa_images=True` a batch
+also carries each image's pixels for REPA (`PackedBatch.images`, see `nrtrain.repa.SourcePixels`):
+its source image resized by its row's policy and mirrored when the flip draw took the twin, so the
+pixels always match the latent; the source images are read from the manifests' source_root or
+`image_root`.
 
 Randomness. Every draw of a pack comes from one generator seeded by (seed, epoch, pack_id) (see
 `pack_generator`), so a batch is a function of its cursor alone: it does not depend on the number
@@ -34,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +54,9 @@ from nrdata.catalog.reader import ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
-from nrtrain.normalize import pooled_normalization, stored_to_float32, write_tokens
+from nrtrain.normalize import kernel_input, pooled_normalization, write_tokens
 from nrtrain.packed import PackedBatch
+from nrtrain.repa import SourcePixels
 
 # Tags that keep the loader's random streams apart from each other and from the packer's.
 _PACK_STREAM = 0x6C6F6164  # "load"
@@ -114,11 +120,13 @@ class PackedDataset(IterableDataset):
     `patch_size` defaults to the one the packs were built for and must equal it. `epochs` counts
     epochs to read (default: those the file holds); `steps` stops after that many batches
     counted from the first step of the first epoch. Positions run 0 .. num_steps - 1.
+    `repa_images` adds each image's source pixels to every batch (REPA), read under `image_root`
+    when given, else under each catalog's source_root.
     """
 
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 steps: int | None = None) -> None:
+                 steps: int | None = None, repa_images: bool = False, image_root: str | Path | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -142,8 +150,9 @@ class PackedDataset(IterableDataset):
         self._itemsizes = [c.manifest.itemsize for c in opened]
         self._moments = np.array([c.manifest.encoder.quantity == "moments" for c in opened])
         self._mean = np.asarray(self.normalization.mean, np.float32)
-        self._std = np.asarray(self.normalization.std, np.float32)
+        self._inv_std = (1.0 / np.asarray(self.normalization.std, np.float64)).astype(np.float32)
         self._rows, self._shard_paths, self._buffers = _row_table(opened)
+        self._source_pixels = SourcePixels(opened, image_root) if repa_images else None
 
         row_ids = table.column("row_ids").combine_chunks()
         self._pack_rows = row_ids.flatten().to_numpy()
@@ -248,14 +257,16 @@ class PackedDataset(IterableDataset):
             stored = np.concatenate([buffers[s][f][o: o + n] for s, f, o, n in zip(
                 shard[mine].tolist(), flips[mine].tolist(), offset[mine].tolist(), nbytes[mine].tolist())])
             src_start = np.concatenate([[0], np.cumsum(nbytes[mine] // self._itemsizes[k])[:-1]])
-            write_tokens(stored_to_float32(stored, self._dtypes[k]), src_start, self.channels, bool(self._moments[k]),
-                         noise, noise_start[mine], h[mine], w[mine], p, cu[mine], self._mean, self._std,
-                         batch.tokens.numpy().reshape(-1))
+            write_tokens(kernel_input(stored, self._dtypes[k]), self._dtypes[k] == "bfloat16", src_start,
+                         self.channels, bool(self._moments[k]), noise, noise_start[mine], h[mine], w[mine], p,
+                         cu[mine], self._mean, self._inv_std, batch.tokens.numpy().reshape(-1))
         _write_positions(w, cu, batch.positions.numpy(), batch.image_ids.numpy())
         batch.sizes.numpy()[:] = np.stack([h, w], axis=1)
         batch.labels.numpy()[:] = rows["label"][row_ids]
         batch.row_ids.numpy()[:] = row_ids
         batch.cu_seqlens.numpy()[:] = cu
+        if self._source_pixels is not None:
+            batch.images = [self._source_pixels.pixels(r, flip=f) for r, f in zip(row_ids.tolist(), flips.tolist())]
         return batch, spans, size
 
     def _shard_buffers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -279,10 +290,10 @@ class PackedDataset(IterableDataset):
             slot = None if pool is None else pool.claim(info.id, n)
             if slot is None:
                 batch, spans, _ = self._batch(position, None)
-                yield _InBuffer(batch.tokens.untyped_storage(), spans, batch.max_seqlen)
+                yield _InBuffer(batch.tokens.untyped_storage(), spans, batch.max_seqlen, batch.images)
             else:
                 batch, spans, size = self._batch(position, pool.slot(info.id, slot))
-                yield _InSlot(self.pool_key, info.id, slot, spans, size, batch.max_seqlen)
+                yield _InSlot(self.pool_key, info.id, slot, spans, size, batch.max_seqlen, batch.images)
 
 
 @njit(cache=True, nogil=True)
@@ -340,9 +351,10 @@ def _row_table(catalogs: list[Catalog]) -> tuple[dict[str, np.ndarray], list[Pat
 # Every tensor of a batch is a view of one byte buffer (64-byte aligned spans), so that a batch
 # crosses processes as one buffer. A new shared-memory segment per batch costs more than building
 # the batch (creating, mapping and faulting in 2.6 MB on both sides), so `PackedLoader` gives its
-# workers a pool of slots allocated once: a worker fills a free slot, the training process copies
-# the batch out when it receives it and frees the slot. A worker that finds its slot still busy
-# falls back to a new segment, so nothing ever waits on the pool.
+# workers a pool of slots allocated once: a worker fills a free slot, the training process reads
+# the batch in place, and the slot is freed when the last tensor of that batch is garbage. A
+# worker that finds its slot still held falls back to a new segment: holding batches for longer
+# (keeping a list of them) costs speed, never correctness, and nothing ever waits on the pool.
 
 _BATCH_DTYPES = {"tokens": torch.float32, "positions": torch.int64, "image_ids": torch.int64, "sizes": torch.int64,
                  "labels": torch.int64, "row_ids": torch.int64, "cu_seqlens": torch.int32}
@@ -359,12 +371,13 @@ def _batch_layout(num_tokens: int, num_images: int, token_dim: int) -> tuple[dic
     return spans, size
 
 
-def _batch_views(buffer: torch.Tensor, spans: dict, max_seqlen: int) -> PackedBatch:
+def _batch_views(buffer: torch.Tensor, spans: dict, max_seqlen: int,
+                 images: list[np.ndarray] | None = None) -> PackedBatch:
     views = {}
     for name, (start, shape) in spans.items():
         dtype = _BATCH_DTYPES[name]
         views[name] = buffer[start: start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-    return PackedBatch(max_seqlen=max_seqlen, **views)
+    return PackedBatch(max_seqlen=max_seqlen, images=images, **views)
 
 
 class _SlotPool:
@@ -401,27 +414,31 @@ _POOLS: dict[str, _SlotPool] = {}  # pools of the loaders iterating in this proc
 
 
 class _InSlot:
-    """A batch in a pool slot: pickled as where it is, unpickled (in the training process) as a copy."""
+    """A batch in a pool slot: pickled as where it is, unpickled (in the training process) as views
+    of the slot that free it when the last of them is gone."""
 
-    def __init__(self, key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int) -> None:
-        self.args = (key, worker, slot, spans, size, max_seqlen)
+    def __init__(self, key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int,
+                 images: list[np.ndarray] | None) -> None:
+        self.args = (key, worker, slot, spans, size, max_seqlen, images)
 
     def __reduce__(self):
         return _batch_from_slot, self.args
 
 
-def _batch_from_slot(key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int) -> PackedBatch:
+def _batch_from_slot(key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int,
+                     images: list[np.ndarray] | None) -> PackedBatch:
     pool = _POOLS[key]
-    own = pool.slot(worker, slot)[:size].clone()
-    pool.release(worker, slot)
-    return _batch_views(own, spans, max_seqlen)
+    memory = pool.slot(worker, slot)[:size].numpy()  # a view object of its own, alive as long as the batch
+    weakref.finalize(memory, pool.release, worker, slot)
+    return _batch_views(torch.frombuffer(memory, dtype=torch.uint8), spans, max_seqlen, images)
 
 
 class _InBuffer:
     """A batch in its own shared buffer: pickled as that one buffer, unpickled as a PackedBatch."""
 
-    def __init__(self, storage: torch.UntypedStorage, spans: dict, max_seqlen: int) -> None:
-        self.args = (torch.empty(0, dtype=torch.uint8).set_(storage), spans, max_seqlen)
+    def __init__(self, storage: torch.UntypedStorage, spans: dict, max_seqlen: int,
+                 images: list[np.ndarray] | None) -> None:
+        self.args = (torch.empty(0, dtype=torch.uint8).set_(storage), spans, max_seqlen, images)
 
     def __reduce__(self):
         return _batch_views, self.args
@@ -437,9 +454,10 @@ class PackedLoader:
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  steps: int | None = None, num_workers: int = 2, pin_memory: bool = False,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, repa_images: bool = False, image_root: str | Path | None = None) -> None:
         self.dataset = PackedDataset(packs, catalogs=catalogs, patch_size=patch_size, rank=rank,
-                                     world_size=world_size, seed=seed, epochs=epochs, steps=steps)
+                                     world_size=world_size, seed=seed, epochs=epochs, steps=steps,
+                                     repa_images=repa_images, image_root=image_root)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)

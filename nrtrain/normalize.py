@@ -71,45 +71,65 @@ def pooled_normalization(catalogs: Sequence[Catalog]) -> Normalization:
     return Normalization(mean=tuple(pooled.mean.tolist()), std=tuple(pooled.std.tolist()), count=pooled.count)
 
 
-def stored_to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored latent bytes (any shape, as uint8) as float32 values; bfloat16 words become floats."""
+def kernel_input(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored bytes as the array `write_tokens` reads: bfloat16 stays raw 16-bit words (converted
+    inside the kernel), other dtypes become float32."""
     if dtype == "bfloat16":
-        return np.left_shift(stored.view(np.uint16), 16, dtype=np.uint32).view(np.float32)
-    return stored.view(dtype).astype(np.float32, copy=False)
+        return stored.view(np.uint16)
+    return stored.view(dtype).astype(np.float32)
+
+
+_TILE = 32  # tokens done together, so that both the reads and the writes of a tile stay in L1
+
+
+@njit(inline="always")
+def _value(src, i, bf16, bits, as_float):
+    if bf16:  # a bfloat16 word is the high half of the float32 with the same value
+        bits[0] = np.uint32(src[i]) << np.uint32(16)
+        return as_float[0]
+    return np.float32(src[i])
 
 
 @njit(cache=True, nogil=True)
-def write_tokens(src, src_start, channels, moments, noise, noise_start, heights, widths, patch, token_start,
-                 mean, std, tokens):
+def write_tokens(src, bf16, src_start, channels, moments, noise, noise_start, heights, widths, patch, token_start,
+                 mean, inv_std, tokens):
     """Normalise and patchify latents into their rows of `tokens` (flat [T * channels * patch²]), in one pass.
 
-    Latent j is `src[src_start[j]:]` laid out [C', h*p, w*p] (C' = 2 * channels for moments, mean
-    first, then z = mean + exp(logvar / 2) * noise[noise_start[j]:] laid out [C, h*p, w*p]); it
-    fills rows token_start[j] .. + h*w, token k = row * w + col, each token a (C, p, p) block.
-    Normalising multiplies by 1 / std (within an ulp of dividing, and several times faster).
+    Latent j is `src[src_start[j]:]` (float32, or raw bfloat16 words when `bf16`) laid out
+    [C', h*p, w*p] (C' = 2 * channels for moments, mean first, then z = mean + exp(logvar / 2) *
+    noise[noise_start[j]:] laid out [C, h*p, w*p]); it fills rows token_start[j] .. + h*w, token
+    k = row * w + col, each token a (C, p, p) block. Normalising multiplies by 1 / std (within an
+    ulp of dividing, and several times faster).
     """
     p = patch
     dim = channels * p * p
+    bits = np.empty(1, np.uint32)
+    as_float = bits.view(np.float32)
+    corner = np.empty(_TILE, np.int64)  # offset of each token's top-left latent pixel in its plane
     for j in range(src_start.shape[0]):
         h, w = heights[j], widths[j]
         cols = w * p
         plane = h * p * cols
         s0, t0, n0 = src_start[j], token_start[j], noise_start[j]
-        for c in range(channels):
-            m, inv = mean[c], np.float32(1.0) / std[c]
-            for py in range(p):
-                for px in range(p):
-                    # one (c, py, px) entry of every token: a p-strided grid of channel c
-                    for ty in range(h):
-                        at = c * plane + (ty * p + py) * cols + px
-                        out = (t0 + ty * w) * dim + c * p * p + py * p + px
-                        if moments:
-                            for tx in range(w):
-                                k = at + tx * p
-                                logvar = min(max(src[s0 + channels * plane + k], np.float32(LOGVAR_MIN)),
-                                             np.float32(LOGVAR_MAX))
-                                z = src[s0 + k] + np.exp(np.float32(0.5) * logvar) * noise[n0 + k]
-                                tokens[out + tx * dim] = (z - m) * inv
-                        else:
-                            for tx in range(w):
-                                tokens[out + tx * dim] = (src[s0 + at + tx * p] - m) * inv
+        for k0 in range(0, h * w, _TILE):
+            k1 = min(k0 + _TILE, h * w)
+            for k in range(k0, k1):
+                corner[k - k0] = (k // w) * p * cols + (k % w) * p
+            for c in range(channels):
+                m, inv = mean[c], inv_std[c]
+                for py in range(p):
+                    for px in range(p):
+                        at = s0 + c * plane + py * cols + px
+                        out = t0 * dim + c * p * p + py * p + px
+                        if p == 1 and not moments:  # DC-AE under NiT: a contiguous run, kept free of branches
+                            for k in range(k0, k1):
+                                tokens[out + k * dim] = (_value(src, at + k, bf16, bits, as_float) - m) * inv
+                            continue
+                        for k in range(k0, k1):
+                            i = at + corner[k - k0]
+                            z = _value(src, i, bf16, bits, as_float)
+                            if moments:
+                                logvar = _value(src, channels * plane + i, bf16, bits, as_float)
+                                logvar = min(max(logvar, np.float32(LOGVAR_MIN)), np.float32(LOGVAR_MAX))
+                                z = z + np.exp(np.float32(0.5) * logvar) * noise[n0 - s0 + i]
+                            tokens[out + k * dim] = (z - m) * inv
