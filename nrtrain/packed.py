@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 
@@ -23,6 +24,9 @@ class PackedBatch:
     image_ids: torch.Tensor  # [T] int64: which image each token belongs to (0..B-1)
     labels: torch.Tensor  # [B] int64: class ids (the null class for unconditional)
     row_ids: torch.Tensor | None = None  # [B] int64: merged catalog row ids, for provenance
+    # uint8 [H, W, 3] per image, the pixels its latent was encoded from (flipped with it), for REPA;
+    # host-side only: `to` and `pin_memory` leave them where they are
+    images: list[np.ndarray] | None = None
 
     @property
     def num_images(self) -> int:

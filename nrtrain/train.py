@@ -32,6 +32,7 @@ from nrtrain.checkpoint import (check_data_identity, data_identity, load_trainin
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
+from nrtrain.repa import load_vision_encoder, repa_targets
 from nrtrain.transport import FlowMatchingLoss
 
 
@@ -50,6 +51,13 @@ class TrainConfig:
     reduction: str = "image"  # image: every image weighs the same; token: NiT's per-token mean
     direction_loss: bool = False  # NiT trains with it on
     class_dropout_prob: float = 0.1
+    # REPA, on when repa_encoder is set: a TorchScript file or hub:<local repo dir>:<entry> (nrtrain.repa)
+    repa_encoder: str | None = None
+    repa_depth: int = 8  # the projector reads this block's output (NiT: 4 for S and B, 6 for L, 8 for XL)
+    repa_weight: float = 1.0
+    repa_hidden: int = 2048  # projector width (NiT-S: 768)
+    repa_normalization: str = "imagenet"  # input mean/std the encoder expects: imagenet, clip, none (RADIO)
+    repa_image_root: str | None = None  # the source images, when not at the catalogs' source_root
     # optimisation (NiT-XL: lr 1e-4 for 8 packs of 16384 tokens per step)
     steps: int = 1000
     lr: float = 1e-4
@@ -83,6 +91,7 @@ class TrainConfig:
             "precision": (self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
             "steps": (self.steps >= 1, ">= 1"), "grad_accum": (self.grad_accum >= 1, ">= 1"),
             "ckpt_every": (self.ckpt_every >= 1, ">= 1"), "log_every": (self.log_every >= 1, ">= 1"),
+            "repa_weight": (self.repa_encoder is None or self.repa_weight > 0, "> 0 when repa_encoder is set"),
         }
         for name, (ok, wanted) in checks.items():
             if not ok:
@@ -295,10 +304,15 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    # the frozen REPA encoder lives outside the model: it is never trained nor checkpointed
+    encoder = (load_vision_encoder(config.repa_encoder, device=device, normalization=config.repa_normalization)
+               if config.repa_encoder else None)
+
     # data: one pack per micro-step, this rank's share, in a resumable order
     loader = PackedLoader(config.packs, catalogs=config.catalogs, rank=ddp.rank, world_size=ddp.world_size,
                           seed=config.seed, steps=config.steps * config.grad_accum, num_workers=config.workers,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", repa_images=encoder is not None,
+                          image_root=config.repa_image_root)
     dataset = loader.dataset
     _, _, catalogs = open_packs(config.packs, config.catalogs)
     identity = data_identity(catalogs, loader.normalization, dataset.patch_size)
@@ -307,16 +321,20 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
 
     # model, EMA, optimizer; the same seed on every rank gives the same initial weights
     torch.manual_seed(config.seed)
+    projector = (dict(repa_depth=config.repa_depth, repa_dim=encoder.dim, repa_hidden=config.repa_hidden)
+                 if encoder else {})
     model = build_model(config.model, in_channels=dataset.channels, patch_size=dataset.patch_size,
-                        mlp=config.mlp, attention=config.attention, num_classes=num_classes).to(device)
+                        mlp=config.mlp, attention=config.attention, num_classes=num_classes, **projector).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
     loss_fn = FlowMatchingLoss(null_class=model.null_class, reduction=config.reduction,
-                               class_dropout_prob=config.class_dropout_prob, direction_loss=config.direction_loss)
+                               class_dropout_prob=config.class_dropout_prob, direction_loss=config.direction_loss,
+                               repa_weight=config.repa_weight if encoder else 0.0)
     generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + ddp.rank)  # distinct per rank
     run_info = {"config": asdict(config), "model": asdict(model.config), "data": identity,
-                "world_size": ddp.world_size, "code_version": code_version()}
+                "world_size": ddp.world_size, "code_version": code_version(),
+                "repa": encoder.describe() if encoder else None}
 
     step = 0
     if config.resume:
@@ -350,7 +368,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     peak = peak_flops(device)
     summary = TrainSummary(steps=0, final_step=step)
     batches = iter(loader)
-    window = {"loss": 0.0, "images": 0, "tokens": 0, "flops": 0, "steps": 0, "time": time.perf_counter()}
+    window = {"loss": 0.0, "repa": 0.0 if encoder else None, "images": 0, "tokens": 0, "flops": 0, "steps": 0,
+              "time": time.perf_counter()}
     model.train()
 
     while step < config.steps:
@@ -359,7 +378,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
             batch = next(batches).to(device, non_blocking=True)
             sync = micro == config.grad_accum - 1 or ddp.world_size == 1
             with (nullcontext() if sync else net.no_sync()), autocast():
-                terms = loss_fn(net, batch, generator)
+                targets = repa_targets(encoder, batch.images, batch.sizes, device) if encoder else None
+                terms = loss_fn(net, batch, generator, repa_targets=targets)
             loss = terms.loss.float()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -369,6 +389,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                     "`nr catalog validate`, then `nr train ... --resume`")
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
+            if terms.repa is not None:
+                window["repa"] += terms.repa.item() / config.grad_accum
             window["images"] += batch.num_images
             window["tokens"] += batch.num_tokens
             window["flops"] += model_flops(model.config, batch.seqlens(), training=True)
@@ -387,7 +409,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
 
         if step % config.log_every == 0 or step == config.steps:
             record = _log_record(step, window, grad_norm, scheduler, ddp, peak)
-            window.update(loss=0.0, images=0, tokens=0, flops=0, steps=0, time=time.perf_counter())
+            window.update(loss=0.0, repa=0.0 if encoder else None, images=0, tokens=0, flops=0, steps=0,
+                          time=time.perf_counter())
             if log is not None:
                 log.write(record)
                 if on_log:
@@ -423,6 +446,8 @@ def _log_record(step: int, window: dict, grad_norm: torch.Tensor, scheduler, ddp
               "lr": scheduler.get_last_lr()[0], "images_per_step": window["images"] * ddp.world_size / n,
               "tokens_per_step": window["tokens"] * ddp.world_size / n,
               "tokens_per_s": window["tokens"] * ddp.world_size / seconds, "seconds_per_step": seconds / n}
+    if window["repa"] is not None:
+        record["repa"] = window["repa"] / n
     if peak:
         record["mfu"] = window["flops"] / seconds / peak
     return record
