@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16_384)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline-packs", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of both loaders")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating measurements of both loaders")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="keep data here and reuse it (default: a temp dir)")
     args = parser.parse_args()
@@ -152,7 +152,7 @@ def main() -> None:
     catalog_dir, packs_path, nit_dir = root / "catalog", root / "packs.parquet", root / "nit"
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
-    print(f"load average before: {load_average()}")
+    print(f"load average (1, 5, 15 min) before: {load_average()}")
     try:
         t0 = time.perf_counter()
         if not (catalog_dir / "manifest.json").exists():
@@ -177,13 +177,17 @@ def main() -> None:
 
         norm = Catalog(catalog_dir).manifest.normalization
         baseline = NitLayoutPacks(first_packs, path_of, torch.tensor(norm.mean), torch.tensor(norm.std))
-        # the machine may be shared: alternate the two loaders and compare medians
+        # one untimed pass of each brings every file into the page cache; then, since the machine
+        # may be shared, the two loaders alternate and their medians are compared
+        timed(PackedLoader(packs_path, num_workers=args.workers, epochs=1))
+        timed(DataLoader(baseline, batch_size=None, num_workers=args.workers))
         rounds = []
         for _ in range(args.rounds):
             nr = timed(PackedLoader(packs_path, num_workers=args.workers, epochs=1))
             nit = timed(DataLoader(baseline, batch_size=None, num_workers=args.workers))
             rounds.append((nr, nit))
-        print(f"load average after: {load_average()}")
+        print(f"load average (1, 5, 15 min) after: {load_average()}; above {os.cpu_count()} means other work "
+              "competed for the cores")
 
         print(f"{'round':<7}{'loader':<12}{'packs':>7}{'seconds':>9}{'packs/s':>9}{'steady':>9}{'latents/s':>11}"
               f"{'MB/s':>7}{'first':>7}")

@@ -67,8 +67,9 @@ def pack_generator(seed: int, epoch: int, pack_id: int) -> np.random.Generator:
     """The generator of every draw made for one pack in one epoch.
 
     Draw order: first `random(B) < 0.5` for the B images in pack order (an image takes its flipped
-    twin when the draw is true and the twin is stored), then, for each image of a moments catalog
-    in pack order, `standard_normal((C, h, w), dtype=float32)` for its latent.
+    twin when the draw is true and the twin is stored), then one `standard_normal(N, dtype=float32)`
+    whose consecutive [C, h, w] blocks are the noise of the moments images, in pack order (the same
+    numbers as one such draw per image).
     """
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(pack_id), _PACK_STREAM]))
 
