@@ -297,8 +297,12 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set ema_decay=0.999 "
-                                                      "(repeatable).", show_default=False)] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set ema_decay=0.999, "
+                                                      "--set repa_encoder=radio.pt (repeatable).",
+                                                      show_default=False)] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(help="Run as a Ray Train job with this many workers "
+                                                            "(one per GPU) on the Ray cluster.",
+                                                       show_default=False)] = None,
 ) -> None:
     """Train a NiT-style packed transformer on the packs of one or several catalogs.
 
@@ -325,6 +329,12 @@ def train(
             console.print(f"step {record['step']:>7}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                           f"{record['images_per_step']:.0f} img/step  {record['tokens_per_s']:,.0f} tok/s{extra}")
 
+        if ray_workers:
+            from nrtrain.ray_train import train_on_ray
+
+            train_on_ray(cfg, workers=ray_workers)
+            console.print(f"Ray Train finished; checkpoints and metrics in {cfg.out}")
+            return
         summary = run_training(cfg, on_log=show)
     except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
