@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from numba import njit
+from numba.typed import List
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nrdata.catalog import Catalog, Normalization, layout
@@ -54,7 +55,7 @@ from nrdata.catalog.reader import ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
-from nrtrain.normalize import kernel_input, pooled_normalization, write_tokens
+from nrtrain.normalize import DTYPE_CODES, ITEMSIZES, decode, pooled_normalization, sample_moments, write_tokens
 from nrtrain.packed import PackedBatch
 from nrtrain.repa import SourcePixels
 
@@ -147,12 +148,12 @@ class PackedDataset(IterableDataset):
         self.channels = opened[0].manifest.encoder.channels
         self.token_dim = self.channels * self.patch_size**2
         self.digest = _packs_digest(table)
-        self._dtypes = [c.manifest.dtype for c in opened]
-        self._itemsizes = [c.manifest.itemsize for c in opened]
+        self._codes = np.array([DTYPE_CODES[c.manifest.dtype] for c in opened], np.int64)
         self._moments = np.array([c.manifest.encoder.quantity == "moments" for c in opened])
         self._mean = np.asarray(self.normalization.mean, np.float32)
         self._inv_std = (1.0 / np.asarray(self.normalization.std, np.float64)).astype(np.float32)
-        self._rows, self._shard_paths, self._buffers = _row_table(opened)
+        self._rows, self._shard_paths = _row_table(opened, self.patch_size, self._moments)
+        self._buffers: List | None = None  # the shards' bytes, memory-mapped by each process itself
         self._source_pixels = SourcePixels(opened, image_root) if repa_images else None
 
         row_ids = table.column("row_ids").combine_chunks()
@@ -232,47 +233,39 @@ class PackedDataset(IterableDataset):
         Written into `slot` (bytes) when one is given, else into a new buffer (in shared memory
         inside a DataLoader worker). Returns (batch, its layout, its bytes).
         """
-        p, rows, count = self.patch_size, self._rows, len(row_ids)
-        h, w = rows["h"][row_ids] // p, rows["w"][row_ids] // p
-        lengths = h * w
-        cu = np.zeros(count + 1, np.int64)
-        np.cumsum(lengths, out=cu[1:])
-        flips = (generator.random(count) < 0.5) & rows["flip"][row_ids]
-        which = rows["catalog"][row_ids]
-        noise_sizes = np.where(self._moments[which], lengths * self.token_dim, 0)
-        noise_start = np.concatenate([[0], np.cumsum(noise_sizes)[:-1]])
-        noise = generator.standard_normal(int(noise_sizes.sum()), dtype=np.float32)
-
-        spans, size = _batch_layout(int(cu[-1]), count, self.token_dim)
+        rows = self._rows
+        draws = generator.random(len(row_ids))
+        noise = generator.standard_normal(int(rows["noise"][row_ids].sum()), dtype=np.float32)
+        spans, size = _batch_layout(int(rows["tokens"][row_ids].sum()), len(row_ids), self.token_dim)
         if slot is not None and size > slot.numel():
             raise ValueError(f"a batch of {size} bytes does not fit a slot of {slot.numel()}")
         if slot is None:
             slot = torch.empty(size, dtype=torch.uint8)
             if get_worker_info() is not None:  # fill shared memory directly rather than copy into it when sent
                 slot.share_memory_()
-        batch = _batch_views(slot, spans, int(lengths.max()))
-        buffers = self._shard_buffers()
-        shard, offset, nbytes = rows["shard"][row_ids], rows["offset"][row_ids], rows["nbytes"][row_ids]
-        for k in np.unique(which).tolist():  # usually one catalog; NiT's merge gives up to three
-            mine = np.flatnonzero(which == k)
-            stored = np.concatenate([buffers[s][f][o: o + n] for s, f, o, n in zip(
-                shard[mine].tolist(), flips[mine].tolist(), offset[mine].tolist(), nbytes[mine].tolist())])
-            src_start = np.concatenate([[0], np.cumsum(nbytes[mine] // self._itemsizes[k])[:-1]])
-            write_tokens(kernel_input(stored, self._dtypes[k]), self._dtypes[k] == "bfloat16", src_start,
-                         self.channels, bool(self._moments[k]), noise, noise_start[mine], h[mine], w[mine], p,
-                         cu[mine], self._mean, self._inv_std, batch.tokens.numpy().reshape(-1))
-        _write_positions(w, cu, batch.positions.numpy(), batch.image_ids.numpy())
-        batch.sizes.numpy()[:] = np.stack([h, w], axis=1)
-        batch.labels.numpy()[:] = rows["label"][row_ids]
-        batch.row_ids.numpy()[:] = row_ids
-        batch.cu_seqlens.numpy()[:] = cu
+        batch = _batch_views(slot, spans, 0)
+        batch.max_seqlen = _fill_pack(
+            self._shard_buffers(), row_ids, rows["catalog"], rows["h"], rows["w"], rows["flip"], rows["shard"],
+            rows["offset"], rows["label"], self._codes, self._moments, draws, noise, self.patch_size, self.channels,
+            self._mean, self._inv_std, batch.tokens.numpy().reshape(-1), batch.positions.numpy(),
+            batch.image_ids.numpy(), batch.sizes.numpy(), batch.labels.numpy(), batch.row_ids.numpy(),
+            batch.cu_seqlens.numpy())
         if self._source_pixels is not None:
+            flips = (draws < 0.5) & rows["flip"][row_ids]
             batch.images = [self._source_pixels.pixels(r, flip=f) for r, f in zip(row_ids.tolist(), flips.tolist())]
         return batch, spans, size
 
-    def _shard_buffers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def _shard_buffers(self) -> List:
+        """Latent and twin bytes of every shard (2s and 2s+1; an empty array where no twins are stored)."""
         if self._buffers is None:
-            self._buffers = [_shard_buffers(path) for path in self._shard_paths]
+            none = np.empty(0, np.uint8)
+            none.flags.writeable = False  # one element type for the typed list: read-only like the maps
+            buffers = List()
+            for path in self._shard_paths:
+                view = ShardView(path)
+                buffers.append(view.latent[1])
+                buffers.append(none if view.flip is None else view.flip[1])
+            self._buffers = buffers
         return self._buffers
 
     def __getstate__(self) -> dict:
@@ -298,28 +291,54 @@ class PackedDataset(IterableDataset):
 
 
 @njit(cache=True, nogil=True)
-def _write_positions(widths, cu, positions, image_ids):
-    """(row, col) and image index of every token of a pack, images row-major one after another."""
-    for i in range(widths.shape[0]):
-        w = widths[i]
-        for k in range(cu[i + 1] - cu[i]):
-            positions[cu[i] + k, 0] = k // w
-            positions[cu[i] + k, 1] = k % w
-            image_ids[cu[i] + k] = i
+def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of, byte_offset, label_of, codes,
+               moments, draws, noise, patch, channels, mean, inv_std, tokens, positions, image_ids, sizes, labels,
+               out_row_ids, cu_seqlens):
+    """Every array of one pack, straight from the shards' bytes; returns its longest image in tokens.
+
+    Image j is row row_ids[j]: its flipped twin when draws[j] < 0.5 and one is stored; for a moments
+    catalog, a latent sampled with the next C*h*w values of `noise`.
+    """
+    p = patch
+    largest = 0
+    for j in range(row_ids.shape[0]):
+        largest = max(largest, heights[row_ids[j]] * widths[row_ids[j]])
+    z = np.empty(2 * channels * largest, np.float32)
+    token, noise_at, longest = 0, 0, 0
+    cu_seqlens[0] = 0
+    for j in range(row_ids.shape[0]):
+        r = row_ids[j]
+        k = catalog_of[r]
+        values = channels * heights[r] * widths[r]
+        stored = 2 * values if moments[k] else values
+        twin = 1 if draws[j] < 0.5 and has_twin[r] else 0
+        start = byte_offset[r]
+        decode(buffers[2 * shard_of[r] + twin][start: start + stored * ITEMSIZES[codes[k]]], codes[k], stored, z)
+        if moments[k]:
+            sample_moments(z, values, noise[noise_at: noise_at + values])
+            noise_at += values
+        h, w = heights[r] // p, widths[r] // p
+        write_tokens(z, channels, h, w, p, token, mean, inv_std, tokens)
+        for t in range(h * w):
+            positions[token + t, 0] = t // w
+            positions[token + t, 1] = t % w
+            image_ids[token + t] = j
+        sizes[j, 0], sizes[j, 1] = h, w
+        labels[j] = label_of[r]
+        out_row_ids[j] = r
+        token += h * w
+        cu_seqlens[j + 1] = token
+        longest = max(longest, h * w)
+    return longest
 
 
-def _shard_buffers(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(latent bytes, flipped twin bytes or None) of one shard, memory-mapped."""
-    view = ShardView(path)
-    return view.latent[1], None if view.flip is None else view.flip[1]
-
-
-def _row_table(catalogs: list[Catalog]) -> tuple[dict[str, np.ndarray], list[Path], list]:
-    """Per merged row id: its catalog, label, latent size, whether a twin is stored, and where its bytes
-    are (shard number, byte offset, byte count; a twin sits at the same offset of the twin column).
-    Also the shard paths, and the shards' buffers as opened to find the offsets."""
-    columns = {name: [] for name in ("catalog", "label", "h", "w", "flip", "shard", "offset", "nbytes")}
-    paths, buffers = [], []
+def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tuple[dict[str, np.ndarray], list[Path]]:
+    """Per merged row id: its catalog, label, latent size, whether a twin is stored, where its bytes are
+    (shard number, byte offset; a twin sits at the same offset of the twin column), its tokens and how
+    many noise values it draws. Also the shard paths in shard-number order. Narrow integers: the
+    table has a row per latent (millions for ImageNet's three variants), shared by forked workers."""
+    columns = {name: [] for name in ("catalog", "label", "h", "w", "flip", "shard", "offset", "tokens", "noise")}
+    paths = []
     for number, cat in enumerate(catalogs):
         index = cat.index
         names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
@@ -335,16 +354,17 @@ def _row_table(catalogs: list[Catalog]) -> tuple[dict[str, np.ndarray], list[Pat
             rows = by_shard[bounds[s]: bounds[s + 1]]
             offset[rows] = view.latent[0][shard_rows[rows]]
             paths.append(path)
-            buffers.append((view.latent[1], None if view.flip is None else view.flip[1]))
+        h, w = index["latent_h"].to_numpy().astype(np.int32), index["latent_w"].to_numpy().astype(np.int32)
         columns["catalog"].append(np.full(len(index), number, np.int32))
-        columns["label"].append(index["label"].to_numpy().astype(np.int64))
-        columns["h"].append(index["latent_h"].to_numpy().astype(np.int64))
-        columns["w"].append(index["latent_w"].to_numpy().astype(np.int64))
+        columns["label"].append(index["label"].to_numpy().astype(np.int32))
+        columns["h"].append(h)
+        columns["w"].append(w)
         columns["flip"].append(index["flip"].to_numpy(zero_copy_only=False).astype(bool))
         columns["shard"].append((shard_of + len(paths) - len(names)).astype(np.int32))
         columns["offset"].append(offset)
-        columns["nbytes"].append(index["nbytes"].to_numpy().astype(np.int64))
-    return {name: np.concatenate(parts) for name, parts in columns.items()}, paths, buffers
+        columns["tokens"].append((h // patch) * (w // patch))
+        columns["noise"].append(h * w * cat.manifest.encoder.channels * int(moments[number]))
+    return {name: np.concatenate(parts) for name, parts in columns.items()}, paths
 
 
 # -- moving batches from workers to the training process -------------------------------------

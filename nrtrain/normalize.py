@@ -71,65 +71,77 @@ def pooled_normalization(catalogs: Sequence[Catalog]) -> Normalization:
     return Normalization(mean=tuple(pooled.mean.tolist()), std=tuple(pooled.std.tolist()), count=pooled.count)
 
 
-def kernel_input(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored bytes as the array `write_tokens` reads: bfloat16 stays raw 16-bit words (converted
-    inside the kernel), other dtypes become float32."""
-    if dtype == "bfloat16":
-        return stored.view(np.uint16)
-    return stored.view(dtype).astype(np.float32)
-
-
-_TILE = 32  # tokens done together, so that both the reads and the writes of a tile stay in L1
+# Stored dtypes as the compiled code knows them; the index is the code.
+DTYPE_CODES = {"bfloat16": 0, "float16": 1, "float32": 2, "uint8": 3}
+ITEMSIZES = np.array([2, 2, 4, 1], np.int64)
+_HALF_SCALE = np.array([2.0 ** max(e - 25, -24) for e in range(32)], np.float32)  # numba has no float16
+_TILE = 32  # tokens written together, so that a tile's reads and writes stay in L1
 
 
 @njit(inline="always")
-def _value(src, i, bf16, bits, as_float):
-    if bf16:  # a bfloat16 word is the high half of the float32 with the same value
-        bits[0] = np.uint32(src[i]) << np.uint32(16)
-        return as_float[0]
-    return np.float32(src[i])
+def _half_to_float(word):
+    exponent, mantissa = (word >> 10) & 0x1F, word & 0x3FF
+    if exponent == 31:
+        value = np.float32(np.inf) if mantissa == 0 else np.float32(np.nan)
+    elif exponent == 0:  # zero and subnormals: mantissa * 2**-24
+        value = np.float32(mantissa) * _HALF_SCALE[0]
+    else:
+        value = np.float32(mantissa + 1024) * _HALF_SCALE[exponent]
+    return -value if word >> 15 else value
 
 
 @njit(cache=True, nogil=True)
-def write_tokens(src, bf16, src_start, channels, moments, noise, noise_start, heights, widths, patch, token_start,
-                 mean, inv_std, tokens):
-    """Normalise and patchify latents into their rows of `tokens` (flat [T * channels * patch²]), in one pass.
+def decode(stored, code, count, out):
+    """The first `count` values of `stored` (raw bytes of dtype `code`) as float32 into `out`."""
+    if code == 0:  # a bfloat16 word is the high half of the float32 with the same value
+        words, bits = stored.view(np.uint16), out.view(np.uint32)
+        for i in range(count):
+            bits[i] = np.uint32(words[i]) << np.uint32(16)
+    elif code == 1:
+        words = stored.view(np.uint16)
+        for i in range(count):
+            out[i] = _half_to_float(words[i])
+    elif code == 2:
+        values = stored.view(np.float32)
+        for i in range(count):
+            out[i] = values[i]
+    else:
+        for i in range(count):
+            out[i] = np.float32(stored[i])
 
-    Latent j is `src[src_start[j]:]` (float32, or raw bfloat16 words when `bf16`) laid out
-    [C', h*p, w*p] (C' = 2 * channels for moments, mean first, then z = mean + exp(logvar / 2) *
-    noise[noise_start[j]:] laid out [C, h*p, w*p]); it fills rows token_start[j] .. + h*w, token
-    k = row * w + col, each token a (C, p, p) block. Normalising multiplies by 1 / std (within an
-    ulp of dividing, and several times faster).
-    """
+
+@njit(cache=True, nogil=True)
+def sample_moments(moments, count, noise):
+    """moments[:count] = mean + exp(logvar / 2) * noise, for mean = moments[:count] and logvar the
+    `count` values after it."""
+    for i in range(count):
+        logvar = min(max(moments[count + i], np.float32(LOGVAR_MIN)), np.float32(LOGVAR_MAX))
+        moments[i] = moments[i] + np.exp(np.float32(0.5) * logvar) * noise[i]
+
+
+@njit(cache=True, nogil=True)
+def write_tokens(z, channels, h, w, patch, first_token, mean, inv_std, tokens):
+    """Normalise latent `z` (flat [C, h*p, w*p]) and write it patchified into rows first_token ..
+    first_token + h*w - 1 of `tokens` (flat [T, C*p*p]): token k = row * w + col, each a (C, p, p)
+    block. Normalising multiplies by 1 / std, which is within an ulp of dividing and much faster."""
     p = patch
     dim = channels * p * p
-    bits = np.empty(1, np.uint32)
-    as_float = bits.view(np.float32)
-    corner = np.empty(_TILE, np.int64)  # offset of each token's top-left latent pixel in its plane
-    for j in range(src_start.shape[0]):
-        h, w = heights[j], widths[j]
-        cols = w * p
-        plane = h * p * cols
-        s0, t0, n0 = src_start[j], token_start[j], noise_start[j]
-        for k0 in range(0, h * w, _TILE):
-            k1 = min(k0 + _TILE, h * w)
-            for k in range(k0, k1):
-                corner[k - k0] = (k // w) * p * cols + (k % w) * p
-            for c in range(channels):
-                m, inv = mean[c], inv_std[c]
-                for py in range(p):
-                    for px in range(p):
-                        at = s0 + c * plane + py * cols + px
-                        out = t0 * dim + c * p * p + py * p + px
-                        if p == 1 and not moments:  # DC-AE under NiT: a contiguous run, kept free of branches
-                            for k in range(k0, k1):
-                                tokens[out + k * dim] = (_value(src, at + k, bf16, bits, as_float) - m) * inv
-                            continue
-                        for k in range(k0, k1):
-                            i = at + corner[k - k0]
-                            z = _value(src, i, bf16, bits, as_float)
-                            if moments:
-                                logvar = _value(src, channels * plane + i, bf16, bits, as_float)
-                                logvar = min(max(logvar, np.float32(LOGVAR_MIN)), np.float32(LOGVAR_MAX))
-                                z = z + np.exp(np.float32(0.5) * logvar) * noise[n0 - s0 + i]
-                            tokens[out + k * dim] = (z - m) * inv
+    cols = w * p
+    plane = h * p * cols
+    for k0 in range(0, h * w, _TILE):
+        k1 = min(k0 + _TILE, h * w)
+        for c in range(channels):
+            m, inv = mean[c], inv_std[c]
+            if p == 1:  # DC-AE under NiT: each channel of a tile is one contiguous run
+                out = first_token * dim + c
+                at = c * plane
+                for k in range(k0, k1):
+                    tokens[out + k * dim] = (z[at + k] - m) * inv
+                continue
+            for py in range(p):
+                for px in range(p):
+                    out = first_token * dim + c * p * p + py * p + px
+                    at = c * plane + py * cols + px
+                    for k in range(k0, k1):
+                        corner = (k // w) * p * cols + (k % w) * p
+                        tokens[out + k * dim] = (z[at + corner] - m) * inv

@@ -286,3 +286,15 @@ def test_pinned_batches_equal_the_plain_ones(folder):
     for a, b in zip(pinned, plain, strict=True):
         assert_same_batch(a, b)
         assert_same_batch(a.to("cuda", non_blocking=True).to("cpu"), b)
+
+
+def test_stored_words_decode_like_numpy_and_torch_for_every_16_bit_pattern():
+    from nrtrain.normalize import DTYPE_CODES, decode
+
+    words = np.arange(2**16, dtype=np.uint16)
+    out = np.empty(words.size, np.float32)
+    decode(words.view(np.uint8), DTYPE_CODES["float16"], words.size, out)
+    np.testing.assert_array_equal(out, words.view(np.float16).astype(np.float32))  # nan == nan here
+    decode(words.view(np.uint8), DTYPE_CODES["bfloat16"], words.size, out)
+    expected = torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(out, expected)
