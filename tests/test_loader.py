@@ -27,6 +27,7 @@ def folder(tmp_path_factory):
         "plain_f16": make_manifest(dtype="float16", flip="none"),
         "moments": make_manifest(dtype="float32", flip="none", quantity="moments"),
         "moments_flip": make_manifest(dtype="bfloat16", flip="store", quantity="moments"),
+        "pixels_u8": make_manifest(dtype="uint8", flip="store"),
     }
     for i, (name, manifest) in enumerate(kinds.items()):
         write_catalog(root / name, make_rows(45, manifest, seed=i, prefix=name), manifest, shard_rows=16)
@@ -100,6 +101,8 @@ def assert_same_batch(a, b, atol=0.0):
     (["flip_bf16"], 2, ["256"]),  # 256 rows are 8x8 latents: 4x4 tokens of 4*2*2 values
     (["moments"], 1, None),
     (["moments_flip"], 1, None),
+    (["moments_flip"], 2, ["256"]),
+    (["pixels_u8"], 1, None),
     (["flip_bf16", "plain_f16"], 1, None),  # merged ids, pooled statistics, a twin only in one catalog
 ])
 def test_tokens_are_the_normalised_patchified_latents_of_the_listed_rows(folder, names, patch, variants):
