@@ -30,7 +30,9 @@ of workers, on which worker built it, or on whether the run was resumed.
 
 Workers. With k DataLoader workers, worker w builds steps w, w+k, ...; the DataLoader collects
 them round robin, so batches arrive in step order. The cursor is counted in the main process as
-batches are handed out, which is what makes `state_dict()` exact.
+batches are handed out, which is what makes `state_dict()` exact. A batch is built by one compiled
+pass over the shard maps (`_fill_pack`) into a shared-memory slot that the training process reads
+in place (see "moving batches" below).
 """
 
 from __future__ import annotations
