@@ -75,68 +75,118 @@ def doctor() -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo images, catalog and plots.")] = Path("nr-demo"),
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("nr-demo"),
     per_class: Annotated[Optional[int], typer.Option(help="Images per class [default: from catalogs/demo.toml].",
                                                      show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the generated images [default: from catalogs/demo.toml].",
                                                 show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps [default: from configs/demo.toml].",
+                                                 show_default=False)] = None,
 ) -> None:
-    """The journey on built-in data: generate shape images of many sizes and aspect ratios (and a few
-    broken files), encode them at native resolution into a catalog, validate it and plot its sizes.
+    """The whole journey on built-in data, on a CPU, in a few minutes: generate texture images of many
+    sizes and aspect ratios (and a few broken files), encode them at native resolution on an embedded
+    Ray, pack them, train a small NiT, and sample every class at a square, a wide, a tall and a larger
+    size than any it saw.
 
-    Re-running resumes: rows already in the catalog are skipped.
+    The same code paths as nr encode / pack / train / sample. Re-running resumes each step.
     """
+    import json
     import time
+    import tomllib
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nrdata.catalog import Catalog, CatalogWriter, validate_catalog
+    from nrdata.catalog import Catalog, validate_catalog
     from nrdata.catalog.inspect import plot_size_histograms
     from nrdata.definitions import load_definition
     from nrdata.demo_data import write_demo_images
-    from nrdata.encoders import PixelEncoder
-    from nrdata.encoding import catalog_manifest, encode_locally
-    from nrdata.policies import parse_policy
-    from nrdata.sources import list_image_folder
+    from nrdata.packing import packing_report, plot_packing
+    from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result
+    from nrtrain.checkpoint import resolve_checkpoint
+    from nrtrain.sample import generate
+    from nrtrain.sample_plan import SampleRequest
+    from nrtrain.train import load_config
+    from nrtrain.train import train as run_training
+    from pipelines.encode import EncodeConfig, EncoderSpec, run_encode
 
     start = time.perf_counter()
     definition = load_definition("demo")
+    plan = tomllib.loads(definition.path.read_text())["demo"]
     images = write_demo_images(out / "images", per_class=per_class or definition.source["per_class"],
                                seed=definition.source["seed"] if seed is None else seed)
-    console.print(f"[bold]1. images[/bold]  {images.images} shapes in {len(images.classes)} classes "
+    console.print(f"[bold]1. images[/bold]  {images.images} textures in {len(images.classes)} classes "
                   f"+ {images.bad_files} broken files -> {images.root}")
 
-    encoder = PixelEncoder(factor=definition.encoder["factor"])
-    unit = encoder.info.factor
-    policies = [parse_policy(spec, unit=unit) for spec in definition.policies]
-    flip = definition.flip
-    items = list_image_folder(images.root)
-    manifest = catalog_manifest(encoder, policies, flip=flip, source_root=str(images.root.resolve()),
-                                notes={"made_by": "nr demo", "definition": str(definition.path)})
     catalog_path = out / "catalog"
-    with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task("encode", total=len(items))
-        with CatalogWriter(catalog_path, manifest) as writer:
-            summary = encode_locally(items, writer, encoder, policies, flip=flip,
-                                     on_items=lambda n: progress.advance(task, n))
-    console.print(f"   {summary.committed} rows committed, {summary.skipped} already there, "
-                  f"{summary.errors} new error rows ({encoder.info.name} f{unit}, variants "
-                  f"{', '.join(p.variant for p in policies)}, flips {'stored' if flip else 'not stored'})")
+    config = EncodeConfig(source=str(images.root), out=str(catalog_path),
+                          encoder=EncoderSpec("pixel", factor=definition.encoder["factor"]),
+                          policies=definition.policies, flip=definition.flip, patch_size=plan["patch_size"],
+                          max_failure_rate=0.5, notes={"made_by": "nr demo", "definition": str(definition.path)})
+    with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("encode", total=None, rate="starting Ray...")
+        summary = run_encode(config, on_progress=lambda p: bar.update(
+            task, total=p.total, completed=p.done, rate=f"{p.images_per_second:.0f} img/s"))
+    console.print(f"   {summary.encoded} rows encoded, {summary.skipped} already there, {summary.failed} new error "
+                  f"rows (pixel f{definition.encoder['factor']}, variants {', '.join(definition.policies)}, "
+                  f"Ray {summary.ray.get('mode')})")
 
     report = validate_catalog(catalog_path)
     cat = Catalog(catalog_path)
     verdict = "[green]valid[/green]" if report.ok else "[red]INVALID[/red]"
+    sizes_png = plot_size_histograms(cat, out / "catalog_sizes.png")
     console.print(f"[bold]3. validate[/bold]  {verdict}: {report.rows} rows, {report.shards} shards, "
-                  f"{len(cat.errors())} error rows (see `nr catalog errors {catalog_path}`)")
-    png = plot_size_histograms(cat, out / "catalog_sizes.png")
-    console.print(f"[bold]4. plot[/bold]  latent sizes and aspect ratios -> {png}")
-    console.print(f"done in {time.perf_counter() - start:.1f} s. Look inside:\n"
+                  f"{len(cat.errors())} error rows; sizes -> {sizes_png}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+    packs_path = out / "packs.parquet"
+    packed = pack_catalogs([catalog_path], max_tokens=plan["max_tokens"], patch_size=plan["patch_size"],
+                           epochs=plan["epochs"], seed=0)
+    write_pack_result(packs_path, packed)
+    pack_report = packing_report(packed.packings[0], packed.ranks[0])
+    plot_packing(out / "packs.png", packed.packings[0], packed.selection.lengths)
+    console.print(f"[bold]4. pack[/bold]  {len(packed.selection.lengths)} rows into "
+                  f"{len(packed.packings[0].tokens)} packs of <= {plan['max_tokens']} tokens per epoch, "
+                  f"{pack_report.efficiency:.1%} full, {plan['epochs']} epochs -> {packs_path}")
+
+    run_dir = out / "run"
+    overrides = {"packs": str(packs_path), "out": str(run_dir)}
+    if steps:
+        overrides["steps"] = steps
+    train_config = load_config(Path(definition.path).parent.parent / plan["train_config"], overrides)
+    try:
+        done = json.loads((resolve_checkpoint(run_dir) / "run.json").read_text())["step"]
+    except FileNotFoundError:
+        done = 0
+    if done < train_config.steps:
+        train_config.resume = done > 0
+        with Progress(TextColumn("[bold]5. train[/bold]"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("train", total=train_config.steps, completed=done, loss="")
+            run_training(train_config, on_log=lambda r: bar.update(
+                task, completed=r["step"], loss=f"loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"))
+    console.print(f"   {train_config.model} model, {train_config.steps} steps -> {run_dir} "
+                  f"(loss curve {run_dir / 'loss.png'})")
+
+    sizes = [tuple(size) for size in plan["sample_sizes"]]
+    request = SampleRequest(sizes=tuple(sizes), per_class=plan["samples_per_class"],
+                            classes=tuple(range(len(images.classes))), seed=0)
+    with Progress(TextColumn("[bold]6. sample[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("sample", total=None)
+        sampled = generate(run_dir, request, out / "samples", steps=plan["sample_steps"], cfg_scale=plan["cfg"],
+                           cfg_interval=tuple(plan["cfg_interval"]), grid_count=len(images.classes) *
+                           plan["samples_per_class"], progress=lambda d, t: bar.update(task, completed=d, total=t))
+    for outcome in sampled.sizes:
+        note = "  [yellow]larger than any training image[/yellow]" if outcome.beyond_training else ""
+        console.print(f"   {outcome.size.name} px: {outcome.grid}{note}")
+
+    console.print(f"done in {time.perf_counter() - start:.0f} s. Columns of the grids = classes: "
+                  f"{', '.join(images.classes)}. Look inside:\n"
                   f"  nr catalog info {catalog_path}\n"
                   f"  python -c \"import polars as pl; print(pl.scan_parquet('{catalog_path}/index/*.parquet')"
                   f".group_by('variant','class_name').len().collect())\"", soft_wrap=True)
-    if not report.ok:
-        raise typer.Exit(1)
 
 
 ENCODERS_HELP = "pixel (weight-free), dc-ae-f32c32, sd-vae-ft-ema or va-vae-f16d32"

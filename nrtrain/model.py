@@ -79,6 +79,7 @@ class NiTConfig:
 # depth / hidden / heads from NiT's configs (shared/reference/nit.md §4); tiny is for tests
 PRESETS: dict[str, dict] = {
     "tiny": dict(depth=2, hidden=64, heads=4),
+    "demo": dict(depth=4, hidden=256, heads=4),  # nr demo: minutes on a CPU
     "S": dict(depth=12, hidden=384, heads=6),
     "B": dict(depth=12, hidden=768, heads=12),
     "L": dict(depth=24, hidden=1024, heads=16),

@@ -295,7 +295,9 @@ def _finish_size(out_dir: Path, plan: SamplePlan, outcome: SizeOutcome, made_now
     if made_now or _npz_count(npz) != plan.count:
         write_npz(npz, paths, plan.labels, size.used)
     if made_now or not grid.is_file():
-        write_grid(grid, paths[:grid_count])
+        # class-balanced labels interleave (j % K), so K columns put one class in each column
+        columns = len(set(plan.labels)) if plan.class_spec["mode"] == "per-class" else None
+        write_grid(grid, paths[:grid_count], columns=columns)
     outcome.npz, outcome.grid = npz, grid
 
 

@@ -316,8 +316,9 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     dataset = loader.dataset
     _, _, catalogs = open_packs(config.packs, config.catalogs)
     identity = data_identity(catalogs, loader.normalization, dataset.patch_size)
-    num_classes = config.num_classes or 1 + max(int(c.scan().select("label").max().collect().item())
-                                                for c in catalogs)
+    # unlabelled rows (label -1) train as the null class, so an unlabelled catalog trains unconditionally
+    num_classes = config.num_classes or max(1, 1 + max(int(c.scan().select("label").max().collect().item())
+                                                       for c in catalogs))
 
     # model, EMA, optimizer; the same seed on every rank gives the same initial weights
     torch.manual_seed(config.seed)
@@ -376,6 +377,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
         step_loss = 0.0
         for micro in range(config.grad_accum):
             batch = next(batches).to(device, non_blocking=True)
+            batch.labels = torch.where(batch.labels < 0, model.null_class, batch.labels)
             sync = micro == config.grad_accum - 1 or ddp.world_size == 1
             with (nullcontext() if sync else net.no_sync()), autocast():
                 targets = repa_targets(encoder, batch.images, batch.sizes, device) if encoder else None

@@ -12,7 +12,13 @@ def test_the_shipped_demo_definition_loads_and_its_policies_parse():
     definition = load_definition("demo")
     assert definition.encoder["name"] == "pixel" and definition.flip is True
     unit = definition.encoder["factor"]
-    assert [parse_policy(s, unit=unit).variant for s in definition.policies] == ["native", "64"]
+    assert [parse_policy(s, unit=unit).variant for s in definition.policies] == ["native"]
+
+
+def test_the_shipped_imagenet_definition_reproduces_nits_variants():
+    definition = load_definition("imagenet1k")
+    assert definition.encoder["name"] == "dc-ae-f32c32" and definition.flip is True
+    assert [parse_policy(s, unit=32).variant for s in definition.policies] == ["native", "256", "512"]
 
 
 def test_unknown_and_broken_definitions_are_explained(tmp_path):

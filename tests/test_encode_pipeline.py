@@ -149,17 +149,20 @@ def test_sigkill_midway_then_rerun_gives_every_image_exactly_once(tmp_path):
 
 def test_ray_job_submit_to_a_started_head_node(tmp_path):
     images = write_demo_images(tmp_path / "images", per_class=5, seed=5)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     ray_cli = str(VENV_BIN / "ray")
     temp_dir = Path("/tmp") / f"nrray{os.getpid()}"  # Ray's socket paths must stay short
     start = subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                            # own ports: another Ray on this machine (the local_ray fixture) holds the defaults
+                            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
                             "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        for _ in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
+        for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
             submit = subprocess.run(
                 [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--",
                  str(VENV_BIN / "nr"), "encode", str(images.root), str(tmp_path / "cat"), "--factor", "8",
