@@ -1,0 +1,261 @@
+"""Sampling throughput of NiT: CFG on an interval of t against CFG on every step, same run.
+
+`nrtrain.transport.sample` with a NiT of random weights (throughput does not depend on them; the
+adaLN-Zero and final layers are drawn at std 0.02 instead of zero so the velocity is not identically
+zero), Euler ODE, `--steps` steps, CFG scale `--cfg-scale` applied where t lies in `--interval`
+(NiT's (0, 0.7): t = 1 is noise, so the first, noisiest steps run unguided on the conditional pack
+alone) against the same scale on every step ([0, 1]). Inside the interval one model call runs the
+doubled pack (conditional images + the same images with the null class, 2x the tokens); outside it,
+one call on the pack. Images are square at each of `--sizes` pixels, DC-AE f32c32 latents (32
+channels, 32 px per latent pixel, patch 1: 256 px = 8x8 tokens, 512 px = 16x16), `--batch` images
+per `sample` call, all of one size. The model runs in bf16 on CUDA and fp32 on CPU and the state is
+integrated in float64 (nr sample's defaults); start noise is drawn before timing; VAE decoding is
+not included.
+
+Counted per sampling call, by a wrapper around the model: forward passes, those on the doubled pack,
+and tokens through the model; `sample` reports NFE (velocity evaluations) and guided NFE, and the
+script checks that its own count agrees. Pack-sized forwards = NFE + guided NFE (a doubled pass costs
+two), so their ratio is the speed-up the interval can give at best; the measured img/s ratio is
+printed next to it. Each size gets one untimed warm-up call; the two settings then alternate for
+`--repeats` rounds and each figure is the median.
+
+  img/s   = batch / seconds of one `sample` call (median over repeats)
+  TFLOP/s = model FLOPs of the call (nrtrain.flops.model_flops per forward, useful FLOPs) / seconds
+  MFU     = TFLOP/s / nrtrain.train.peak_flops(device) (dense bf16 peak; CUDA only)
+
+Usage:
+    .venv/bin/python bench/sample_throughput.py          # CPU: preset demo, 20 steps, batch 4
+    python bench/sample_throughput.py                     # CUDA: preset XL, 50 steps, batch 128, bf16
+    python bench/sample_throughput.py --sizes 256 --batch 256 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from nrtrain.attention import resolve_backend
+from nrtrain.flops import model_flops
+from nrtrain.model import PRESETS, NiT, build_model
+from nrtrain.packed import PackedBatch
+from nrtrain.train import peak_flops
+from nrtrain.transport import noise_pack, sample
+
+CHANNELS = 32
+FACTOR = 32  # DC-AE f32: pixels per latent pixel
+PATCH = 1
+EVERY_STEP = (0.0, 1.0)
+
+
+class CountingModel(nn.Module):
+    """The model, counting its forward passes: all, those on a doubled (CFG) pack, and tokens."""
+
+    def __init__(self, model: NiT, images: int):
+        super().__init__()
+        self.model = model
+        self.images = images
+        self.forwards = self.doubled = self.tokens = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        self.forwards += 1
+        self.doubled += int(batch.num_images == 2 * self.images)
+        self.tokens += x.shape[0]
+        return self.model(x, t, y, batch)
+
+
+def randomize_zero_layers(model: nn.Module, seed: int) -> None:
+    """Draw the zero-initialised (adaLN-Zero, final) weights at std 0.02 so the velocity is not all zero."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+
+
+def run(model: NiT, noise: PackedBatch, steps: int, cfg_scale: float, interval: tuple[float, float],
+        device: torch.device) -> dict:
+    """One timed `sample` call and what it counted."""
+    counter = CountingModel(model, noise.num_images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = sample(counter, noise, noise.labels, null_class=model.null_class, solver="euler", steps=steps,
+                    cfg_scale=cfg_scale, cfg_interval=interval, model_dtype=next(model.parameters()).dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    if not torch.isfinite(result.tokens).all():
+        raise SystemExit(f"non-finite samples with cfg interval {interval}")
+    if (counter.forwards, counter.doubled) != (result.nfe, result.guided_nfe):
+        raise SystemExit(f"counted {counter.forwards} forwards ({counter.doubled} doubled) but sample reports "
+                         f"nfe {result.nfe}, guided {result.guided_nfe}")
+    seqlens = noise.seqlens()
+    flops = ((counter.forwards - counter.doubled) * model_flops(model.config, seqlens)
+             + counter.doubled * model_flops(model.config, seqlens * 2))
+    return {"seconds": seconds, "nfe": result.nfe, "guided": result.guided_nfe, "forwards": counter.forwards,
+            "doubled": counter.doubled, "tokens": counter.tokens, "flops": flops}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH (two numbers, e.g. 0,0.7)") from None
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"interval {text!r} must satisfy 0 <= LOW <= HIGH <= 1")
+    return low, high
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of pixel sizes, "
+                                         "e.g. 256,512") from None
+    bad = [s for s in sizes if s < FACTOR or s % FACTOR]
+    if not sizes or bad:
+        raise argparse.ArgumentTypeError(f"sizes must be positive multiples of {FACTOR} px (DC-AE f32), got {text!r}")
+    return sizes
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Defaults depend on the device: CUDA runs XL in bf16, 50 steps, batch 128, "
+                                            "3 repeats; CPU runs demo in fp32, 20 steps, batch 4, 1 repeat.")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument("--preset", choices=list(PRESETS), help="model size (default: XL on CUDA, demo on CPU)")
+    parser.add_argument("--sizes", type=parse_sizes, default=[256, 512],
+                        help="square image sizes in pixels, comma-separated (default: 256,512)")
+    parser.add_argument("--batch", type=int, help="images per sample call (default: 128 on CUDA, 4 on CPU)")
+    parser.add_argument("--steps", type=int, help="Euler steps (default: 50 on CUDA, 20 on CPU)")
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--interval", type=parse_interval, default=(0.0, 0.7),
+                        help="CFG interval LOW,HIGH of t (t = 1 is noise), measured against 0,1 (default: 0,0.7)")
+    parser.add_argument("--repeats", type=int, help="timed calls per setting (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--attention", default="auto", help="attention backend (default: auto, as nr sample)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            parser.error(f"--device {args.device!r}: {error}")
+        if device.type not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device!r}: use cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    cuda = device.type == "cuda"
+    defaults = dict(preset="XL" if cuda else "demo", batch=128 if cuda else 4, steps=50 if cuda else 20,
+                    repeats=3 if cuda else 1)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("batch", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.cfg_scale <= 1:
+        parser.error(f"--cfg-scale must be > 1 (1 means no guidance, nothing to compare), got {args.cfg_scale}")
+    if args.interval == EVERY_STEP:
+        parser.error("--interval 0,1 is the baseline itself; give a narrower interval, e.g. 0,0.7")
+    try:
+        args.attention = resolve_backend(args.attention, device.type)
+    except ValueError as error:
+        parser.error(f"--attention: {error}")
+    if args.attention in ("flash-varlen", "torch-varlen") and not cuda:
+        parser.error(f"--attention {args.attention} runs on CUDA only")
+    return args, device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, device = parse_args(argv)
+    cuda = device.type == "cuda"
+    model_dtype = torch.bfloat16 if cuda else torch.float32
+    gpu = torch.cuda.get_device_name(device) if cuda else "no GPU"
+
+    print("NiT sampling throughput: CFG on an interval against CFG on every step")
+    print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
+          f"{platform.machine()}, python {platform.python_version()}, torch {torch.__version__}, "
+          f"device {device} ({gpu}), load average (1, 5, 15 min) {load_average()}")
+
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = build_model(args.preset, in_channels=CHANNELS, patch_size=PATCH, attention=args.attention)
+    randomize_zero_layers(model, args.seed)
+    model = model.to(model_dtype).eval()
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(device)
+    low, high = args.interval
+    print(f"model: NiT preset {args.preset} (depth {config.depth}, hidden {config.hidden}, heads {config.heads}, "
+          f"{params / 1e6:.1f}M parameters), random weights, {str(model_dtype).removeprefix('torch.')}, attention "
+          f"{args.attention}; Euler ODE {args.steps} steps, CFG scale {args.cfg_scale:g}, state in float64, "
+          f"batch {args.batch} images, {args.repeats} timed call(s) per setting (median), decode not included")
+    print("forwards = model calls (doubled = on the CFG-doubled pack); pack-sized = NFE + guided NFE; "
+          "TFLOP/s = model_flops of every forward / seconds"
+          + (f"; MFU = TFLOP/s / peak {peak / 1e12:.0f} TFLOP/s" if peak else "; MFU: no peak known for this device"))
+    header = (f"{'size':>5}{'tokens':>8}{'cfg on t in':>13}{'NFE':>5}{'doubled':>9}{'pack-sized':>12}"
+              f"{'tokens/call':>13}{'s/call':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'vs every step':>15}")
+    print(header)
+    summaries = []
+    for size in args.sizes:
+        side = size // FACTOR // PATCH
+        labels = torch.randint(0, config.num_classes, (args.batch,), generator=torch.Generator().manual_seed(size))
+        noise = noise_pack([(side, side)] * args.batch, config.token_dim, range(args.batch), labels).to(device)
+        run(model, noise, min(args.steps, 3), args.cfg_scale, EVERY_STEP, device)  # warm-up, untimed
+        settings = {"every": EVERY_STEP, "interval": args.interval}
+        measured = {name: [] for name in settings}
+        for repeat in range(args.repeats):
+            order = list(settings) if repeat % 2 == 0 else list(reversed(settings))
+            for name in order:
+                measured[name].append(run(model, noise, args.steps, args.cfg_scale, settings[name], device))
+        rates = {}
+        for name in settings:
+            first = measured[name][0]
+            seconds = statistics.median(r["seconds"] for r in measured[name])
+            rates[name] = args.batch / seconds
+            flops_s = first["flops"] / seconds
+            mfu = f"{flops_s / peak:.1%}" if peak else "-"
+            ratio = f"{rates[name] / rates['every']:.2f}x"
+            span = f"[{settings[name][0]:g}, {settings[name][1]:g}]"
+            print(f"{size:>5}{f'{side}x{side}':>8}{span:>13}{first['nfe']:>5}{first['doubled']:>9}"
+                  f"{first['nfe'] + first['guided']:>12}{first['tokens'] / first['forwards']:>13,.0f}{seconds:>9.3f}"
+                  f"{rates[name]:>9.2f}{flops_s / 1e12:>9.3f}{mfu:>7}{ratio:>15}", flush=True)
+        every, interval = measured["every"][0], measured["interval"][0]
+        if interval["doubled"] >= every["doubled"]:
+            print(f"the interval run did not do fewer doubled passes ({interval['doubled']} vs {every['doubled']})",
+                  file=sys.stderr)
+            return 1
+        summaries.append((size, (every["nfe"] + every["guided"]) / (interval["nfe"] + interval["guided"]),
+                          rates["interval"] / rates["every"]))
+    for size, ideal, measured_ratio in summaries:
+        print(f"{size} px: CFG on [{low:g}, {high:g}] runs {measured_ratio:.2f}x the images/s of CFG on every step; "
+              f"the pack-sized forward count allows {ideal:.2f}x")
+    print(f"load average (1, 5, 15 min) after: {load_average()}; above {os.cpu_count()} means other work "
+          "competed for the cores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
