@@ -17,7 +17,9 @@ and tokens through the model; `sample` reports NFE (velocity evaluations) and gu
 script checks that its own count agrees. Pack-sized forwards = NFE + guided NFE (a doubled pass costs
 two), so their ratio is the speed-up the interval can give at best; the measured img/s ratio is
 printed next to it. Each size gets one untimed warm-up call; the two settings then alternate for
-`--repeats` rounds and each figure is the median.
+`--repeats` rounds and each figure is the median. On a CPU shared with other work, torch's intra-op
+threads wait on each other and small ops slow down by large, uneven factors; there `--threads 1`
+gives steadier figures.
 
   img/s   = batch / seconds of one `sample` call (median over repeats)
   TFLOP/s = model FLOPs of the call (nrtrain.flops.model_flops per forward, useful FLOPs) / seconds
@@ -133,8 +135,8 @@ def parse_sizes(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Defaults depend on the device: CUDA runs XL in bf16, 50 steps, batch 128, "
-                                            "3 repeats; CPU runs demo in fp32, 20 steps, batch 4, 1 repeat.")
+                                     epilog="Defaults depend on the device: CUDA runs XL in bf16, 50 steps, batch 128; "
+                                            "CPU runs demo in fp32, 20 steps, batch 4.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--preset", choices=list(PRESETS), help="model size (default: XL on CUDA, demo on CPU)")
     parser.add_argument("--sizes", type=parse_sizes, default=[256, 512],
@@ -144,7 +146,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--interval", type=parse_interval, default=(0.0, 0.7),
                         help="CFG interval LOW,HIGH of t (t = 1 is noise), measured against 0,1 (default: 0,0.7)")
-    parser.add_argument("--repeats", type=int, help="timed calls per setting (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median)")
     parser.add_argument("--attention", default="auto", help="attention backend (default: auto, as nr sample)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--seed", type=int, default=0)
@@ -166,8 +168,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     cuda = device.type == "cuda"
-    defaults = dict(preset="XL" if cuda else "demo", batch=128 if cuda else 4, steps=50 if cuda else 20,
-                    repeats=3 if cuda else 1)
+    defaults = dict(preset="XL" if cuda else "demo", batch=128 if cuda else 4, steps=50 if cuda else 20)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -198,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.node()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
           f"{platform.machine()}, python {platform.python_version()}, torch {torch.__version__}, "
           f"device {device} ({gpu}), load average (1, 5, 15 min) {load_average()}")
+    threads = torch.get_num_threads()
+    if not cuda and threads > 1 and os.getloadavg()[0] + threads > os.cpu_count() + 0.5:
+        print(f"note: other work already loads this CPU ({os.getloadavg()[0]:.1f}) and torch uses "
+              f"{torch.get_num_threads()} threads on {os.cpu_count()} cores; contended threads slow small ops "
+              "unevenly, --threads 1 gives steadier figures")
 
     torch.manual_seed(args.seed)
     with torch.device(device):

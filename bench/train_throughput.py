@@ -3,45 +3,56 @@
 Data: synthetic latents of ImageNet-1k at DC-AE f32c32 native resolution, as bench/loader_throughput.py
 draws them (32 channels, patch 1, side lengths in tokens h ~ N(12, 2.5), w ~ N(13, 2.5), rounded and
 clipped to 5..16, independently). Their token counts are packed into packs of at most L tokens with
-`nrdata.packing.pack` (LPFHP); the first `--warmup` + `--steps` packs of that packing are the batches.
+`nrdata.packing.pack` (LPFHP); the first `--warmup` + `--steps` packs of that packing are the steps.
 Values are random normal; only shapes matter here. All batches sit on the device before timing (the
 loader is not measured: bench/loader_throughput.py does that).
 
-Two layouts train on exactly the same images per step (so the same real tokens and the same images per
-step), with the same flow-matching loss (`nrtrain.transport.FlowMatchingLoss`, per-image reduction,
-label dropout 0.1), the same t and noise draws and the same weights:
+Every row trains on the same images with the same number of images in each step (so the same real
+tokens over the timed steps, and the same number of steps), with the same flow-matching loss
+(`nrtrain.transport.FlowMatchingLoss`, per-image reduction, label dropout 0.1) and weights:
 
 * packed: the model as `nr train` runs it, one sequence of the pack's tokens, block-diagonal attention
-  by the backend named in `--backends` (each one that can train on this device by default);
+  by each backend of `--backends` (by default every one that can train on this device);
 * padded: each image padded with zeros to the longest image of its batch, [B, L_max, C], run through
   the same model's modules as a plain batch (per-image adaLN broadcast over its row, RoPE of the real
   positions), attention with a key-padding mask in one SDPA call (what a padded DiT/FiT trainer does;
   it does not depend on `--backends`), outputs of padding tokens discarded, so the loss is on real
   tokens only. Tokens are scattered to the padded layout and gathered back inside the timed step
-  (O(T x C) copies, negligible next to the transformer).
+  (O(T x C) copies, negligible next to the transformer). Two batchings of the same images:
+    random  the images of the timed packs shuffled and dealt into batches of the packs' image counts
+            (a plain random sampler: the baseline the "vs padded" column divides by);
+    packs   each batch = one pack's images. LPFHP fills a pack from one to three distinct lengths, so
+            this is a length-bucketed padded trainer and pads almost nothing.
 Before timing, both layouts' forwards are compared on real tokens (fp32, sdpa-loop); the script stops
 if they differ. The adaLN-Zero and final layers are drawn at std 0.02 instead of zero, so that this
 comparison is not 0 = 0; random weights change no kernel's speed.
 
 One step = forward + backward + gradient clipping (1.0) + AdamW step + zero_grad: `nrtrain.train`'s
 step without EMA and logging; it reads the loss back (`.item()`), as the trainer does, so each step
-ends synchronised. The first `--warmup` steps (optimizer state allocation, autotuning, compilation
-and the dynamic-shape recompile under `--compile`) are not timed. Figures:
+ends synchronised. Each row starts a fresh AdamW; its first `--warmup` steps (optimizer state,
+autotuning, compilation and the dynamic-shape recompile under `--compile`) are not timed. The rows
+run `--rounds` times, every other round in reverse order (the machine may be shared); figures are
+medians over rounds, ratios are taken within a round. Columns:
 
-  real tok/s = real tokens of the timed steps / their seconds (the same numerator for both layouts)
+  real tok/s = real tokens of the timed steps / their seconds (the same numerator in every row)
   TFLOP/s    = sum over timed steps of model_flops(config, seqlens, training=True) / seconds
   MFU        = TFLOP/s / peak, peak = nrtrain.train.peak_flops(device) (dense bf16: 989e12 on H100/H200),
                CUDA only. model_flops counts the useful FLOPs of the real images (nrtrain/flops.py:
                per-image adaLN, block-diagonal attention, backward = 2x forward), so padding and
-               recomputation never raise it; the padded layout gets the same numerator.
-  vs padded  = packed real tok/s / padded real tok/s, same compile setting.
+               recomputation never raise it; every row has the same numerator.
+  peak GiB   = torch.cuda.max_memory_allocated over the row (weights, AdamW state, batches included).
+  vs padded  = real tok/s / real tok/s of padded random batches in the same round and compile setting
+               (median, and the range over rounds).
   graphs     = (compile on) graphs dynamo compiled during the timed steps: 0 means steady state; more
                means recompiles were timed (packs differ in length and image count, and sdpa-loop's
                per-pack runs of equal-length images are Python ints that dynamo specialises on).
 
+On a CPU shared with other work, torch's intra-op threads wait on each other and small ops slow down
+by large, uneven factors; there `--threads 1` gives steadier figures.
+
 Usage:
     .venv/bin/python bench/train_throughput.py                 # CPU: preset demo, L=2048, fp32
-    .venv/bin/python bench/train_throughput.py --backends sdpa-loop --steps 8
+    .venv/bin/python bench/train_throughput.py --threads 1 --backends sdpa-loop --steps 8
     python bench/train_throughput.py --compile both            # CUDA: preset XL, L=16384, bf16 autocast
 """
 
@@ -53,6 +64,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 import warnings
@@ -88,20 +100,41 @@ def latent_sides(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarr
     return h, w
 
 
-def make_batches(count: int, max_tokens: int, seed: int) -> list[PackedBatch]:
-    """`count` packs of native-size latents (random values), in the packing's order."""
+Image = tuple[int, int, torch.Tensor, int]  # (h, w) in tokens, tokens [h*w, C], label
+
+
+def draw_packs(count: int, max_tokens: int, seed: int) -> list[list[Image]]:
+    """The images of `count` LPFHP packs of native-size latents (random values), in the packing's order."""
     rng = np.random.default_rng(seed)
     rows = max(20_000, math.ceil(2 * count * max_tokens / 150))  # about 2x the images `count` full packs hold
     h, w = latent_sides(rng, rows)
     packing = pack(h * w, max_tokens, algorithm="lpfhp", seed=seed)
-    batches = []
+    packs = []
     for p in range(count):
         ids = packing.pack(p)
-        sizes = list(zip(h[ids].tolist(), w[ids].tolist()))
-        tokens = [torch.from_numpy(rng.standard_normal((a * b, CHANNELS), dtype=np.float32)) for a, b in sizes]
-        labels = rng.integers(0, 1000, len(sizes)).tolist()
-        batches.append(packed_from_tokens(tokens, sizes, labels))
+        packs.append([(a, b, torch.from_numpy(rng.standard_normal((a * b, CHANNELS), dtype=np.float32)),
+                       int(rng.integers(0, 1000))) for a, b in zip(h[ids].tolist(), w[ids].tolist())])
+    return packs
+
+
+def shuffled_like(packs: list[list[Image]], rng: np.random.Generator) -> list[list[Image]]:
+    """The images of `packs` in random order, dealt into batches of the packs' image counts."""
+    images = [image for group in packs for image in group]
+    order = rng.permutation(len(images)).tolist()
+    batches, start = [], 0
+    for group in packs:
+        batches.append([images[i] for i in order[start:start + len(group)]])
+        start += len(group)
     return batches
+
+
+def batch_of(images: list[Image]) -> PackedBatch:
+    return packed_from_tokens([tokens for _, _, tokens, _ in images], [(h, w) for h, w, _, _ in images],
+                              [label for _, _, _, label in images])
+
+
+def real_share(batches: list[PackedBatch]) -> float:
+    return sum(b.num_tokens for b in batches) / sum(b.num_images * b.max_seqlen for b in batches)
 
 
 def randomize_zero_layers(model: nn.Module, seed: int) -> None:
@@ -186,9 +219,12 @@ def layout_difference(model: NiT, batch: PackedBatch) -> float:
     return float((packed - padded).abs().max() / packed.abs().max())
 
 
-def measure(net: nn.Module, model: NiT, batches: list[PackedBatch], warmup: int, autocast, device: torch.device,
-            real_tokens: int, useful_flops: int) -> dict:
+def measure(net: nn.Module, model: NiT, batches: list[PackedBatch], warmup: int, autocast,
+            device: torch.device) -> dict:
     """Train `warmup` untimed steps then the rest; rates of the timed steps."""
+    timed = batches[warmup:]
+    real_tokens = sum(b.num_tokens for b in timed)
+    useful_flops = sum(model_flops(model.config, b.seqlens(), training=True) for b in timed)
     optimizer = make_optimizer(model, TrainConfig())
     loss_fn = FlowMatchingLoss(null_class=model.null_class)
     generator = torch.Generator(device).manual_seed(0)  # the same t, noise and dropout for every row
@@ -212,16 +248,15 @@ def measure(net: nn.Module, model: NiT, batches: list[PackedBatch], warmup: int,
         torch.cuda.synchronize(device)
     graphs = compile_counters["stats"]["unique_graphs"]
     started = time.perf_counter()
-    losses = [step(batch) for batch in batches[warmup:]]
+    losses = [step(batch) for batch in timed]
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     recompiled = compile_counters["stats"]["unique_graphs"] - graphs
     if not all(math.isfinite(x) for x in losses):
         raise SystemExit(f"non-finite loss in a timed step: {losses}")
-    timed = len(batches) - warmup
-    return {"seconds": seconds, "step_s": seconds / timed, "tokens_s": real_tokens / seconds,
-            "images_s": sum(b.num_images for b in batches[warmup:]) / seconds, "flops_s": useful_flops / seconds,
+    return {"step_s": seconds / len(timed), "tokens_s": real_tokens / seconds,
+            "images_s": sum(b.num_images for b in timed) / seconds, "flops_s": useful_flops / seconds,
             "memory": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None, "recompiled": recompiled}
 
 
@@ -239,7 +274,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Defaults depend on the device: CUDA runs XL, L=16384, bf16, 10 steps, "
-                                            "compile off and on; CPU runs demo, L=2048, fp32, 4 steps, compile off.")
+                                            "1 round, compile off and on; CPU runs demo, L=2048, fp32, 4 steps, "
+                                            "3 rounds, compile off.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--preset", choices=list(PRESETS), help="model size (default: XL on CUDA, demo on CPU)")
     parser.add_argument("--max-tokens", type=int, help="pack budget L (default: 16384 on CUDA, 2048 on CPU)")
@@ -248,6 +284,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     parser.add_argument("--backends", default="available",
                         help=f"comma-separated attention backends for the packed layout, from "
                              f"{', '.join(BACKENDS)} or auto; 'available' = every one that can train on the device")
+    parser.add_argument("--rounds", type=int, help="measurements of every row, alternating order "
+                                                   "(default: 1 on CUDA, 3 on CPU)")
     parser.add_argument("--compile", choices=("off", "on", "both"),
                         help="torch.compile the model (default: both on CUDA, off on CPU)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -273,15 +311,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
             parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     cuda = device.type == "cuda"
     defaults = dict(preset="XL" if cuda else "demo", max_tokens=16_384 if cuda else 2048, steps=10 if cuda else 4,
-                    warmup=3 if cuda else 1, compile="both" if cuda else "off")
+                    warmup=3 if cuda else 1, rounds=1 if cuda else 3, compile="both" if cuda else "off")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.max_tokens < LONGEST_IMAGE:
         parser.error(f"--max-tokens {args.max_tokens} is below the largest image ({SIDES[1]}x{SIDES[1]} = "
                      f"{LONGEST_IMAGE} tokens); use at least {LONGEST_IMAGE}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.compile != "off" and args.warmup < 2:
@@ -330,33 +369,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.node()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
           f"{platform.machine()}, python {platform.python_version()}, torch {torch.__version__}, "
           f"device {device} ({gpu}), load average (1, 5, 15 min) {load_average()}")
+    threads = torch.get_num_threads()
+    if not cuda and threads > 1 and os.getloadavg()[0] + threads > os.cpu_count() + 0.5:
+        print(f"note: other work already loads this CPU ({os.getloadavg()[0]:.1f}) and torch uses "
+              f"{torch.get_num_threads()} threads on {os.cpu_count()} cores; contended threads slow small ops "
+              "unevenly, --threads 1 gives steadier figures")
 
-    batches = make_batches(args.warmup + args.steps, args.max_tokens, args.seed)
-    timed = batches[args.warmup:]
-    real_tokens = sum(b.num_tokens for b in timed)
-    padded_tokens = sum(b.num_images * b.max_seqlen for b in timed)
-    images = sum(b.num_images for b in timed)
+    packs = draw_packs(args.warmup + args.steps, args.max_tokens, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    # warm-up and timed images are shuffled apart, so every row times the same images
+    random_groups = shuffled_like(packs[:args.warmup], rng) + shuffled_like(packs[args.warmup:], rng)
+    batchings = {"packs": [batch_of(group) for group in packs], "random": [batch_of(group) for group in random_groups]}
+    timed = batchings["packs"][args.warmup:]
+    real_tokens, images = sum(b.num_tokens for b in timed), sum(b.num_images for b in timed)
     print(f"data: native-size latents {CHANNELS} x h x w, h ~ N(12, 2.5), w ~ N(13, 2.5) clipped to "
           f"{SIDES[0]}..{SIDES[1]}, patch {PATCH}; LPFHP packs of L={args.max_tokens:,}; {args.warmup} warm-up + "
-          f"{args.steps} timed steps; "
-          f"timed steps hold {images / len(timed):.1f} images and {real_tokens / len(timed):,.0f} real tokens per "
-          f"step (pack fill {real_tokens / (len(timed) * args.max_tokens):.1%}); padded, the same images are "
-          f"{padded_tokens / len(timed):,.0f} tokens per step ({real_tokens / padded_tokens:.1%} real)")
+          f"{args.steps} timed steps of {images / len(timed):.1f} images and {real_tokens / len(timed):,.0f} real "
+          f"tokens on average (pack fill {real_tokens / (len(timed) * args.max_tokens):.1%}); padded, real tokens "
+          f"are {real_share(batchings['random'][args.warmup:]):.1%} of the tokens of random batches and "
+          f"{real_share(timed):.1%} of those of pack batches")
 
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = build_model(args.preset, in_channels=CHANNELS, patch_size=PATCH, attention=args.backends[0])
     randomize_zero_layers(model, args.seed)
     config = model.config
-    batches = [b.to(device) for b in batches]
-    timed = batches[args.warmup:]
-    useful_flops = sum(model_flops(config, b.seqlens(), training=True) for b in timed)
+    batchings = {name: [b.to(device) for b in batches] for name, batches in batchings.items()}
     params = sum(p.numel() for p in model.parameters())
     print(f"model: NiT preset {args.preset} (depth {config.depth}, hidden {config.hidden}, heads {config.heads}, "
           f"{params / 1e6:.1f}M parameters), {'bf16 autocast' if bf16 else 'fp32'}; one step = forward + backward "
           f"+ grad clip + AdamW + zero_grad (nr train's step without EMA), loss read back every step")
-    difference = layout_difference(model, batches[0])
-    print(f"check: padded forward = packed forward on real tokens of {min(CHECK_IMAGES, batches[0].num_images)} "
+    first = batchings["random"][0]
+    difference = layout_difference(model, first)
+    print(f"check: padded forward = packed forward on real tokens of {min(CHECK_IMAGES, first.num_images)} "
           f"images (fp32, sdpa-loop): max |diff| / max |out| = {difference:.1e}")
     if difference > 1e-3:
         print("the padded layout does not compute the same model; its figures would mean nothing", file=sys.stderr)
@@ -365,44 +410,53 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # nr train's default; only fp32 matmuls are affected
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device)
-    print("rows: same images per step in both layouts; real tok/s counts real tokens only; "
+    print(f"rows: medians over {args.rounds} round(s); real tok/s counts real tokens only; "
           "TFLOP/s = sum model_flops(config, seqlens, training=True) / seconds"
           + (f"; MFU = TFLOP/s / peak {peak / 1e12:.0f} TFLOP/s (nrtrain.train.peak_flops)" if peak else
              "; MFU: no peak known for this device")
-          + "; vs padded = real tok/s / padded real tok/s, same compile setting"
+          + "; vs padded = real tok/s / that of padded random batches, same round and compile setting"
           + ("; graphs = graphs compiled during the timed steps (0 = steady state)" if any(compile_modes) else ""))
 
-    header = (f"{'layout':<8}{'attention':<18}{'compile':<9}{'s/step':>8}{'real tok/s':>12}{'img/s':>9}"
-              f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'vs padded':>11}{'graphs':>8}")
-    print(header)
+    rows = ([("padded", "random", PADDED_ATTENTION), ("padded", "packs", PADDED_ATTENTION)]
+            + [("packed", "packs", backend) for backend in args.backends])
+    print(f"{'layout':<8}{'batches':<9}{'attention':<18}{'compile':<9}{'s/step':>8}{'real tok/s':>12}{'img/s':>9}"
+          f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'vs padded':>20}{'graphs':>8}")
     for compiled in compile_modes:
-        rows = [("padded", PADDED_ATTENTION, None)] + [("packed", backend, backend) for backend in args.backends]
-        padded_rate = None
-        for layout, label, backend in rows:
-            if backend is not None:
-                model.config = replace(config, attention=backend)
-            net = model if layout == "packed" else PaddedNiT(model)
-            if compiled:
-                torch._dynamo.reset()
-                net = torch.compile(net)
-            try:
-                r = measure(net, model, batches, args.warmup, autocast, device, real_tokens, useful_flops)
-            except torch.OutOfMemoryError:
-                print(f"{layout:<8}{label:<18}{'on' if compiled else 'off':<9}  out of device memory")
-                r = None
-            del net
-            release(device)
-            if r is None:
+        results = {row: [] for row in rows}
+        for round_index in range(args.rounds):
+            for row in (rows if round_index % 2 == 0 else rows[::-1]):
+                layout, batching, backend = row
+                if layout == "packed":
+                    model.config = replace(config, attention=backend)
+                net = model if layout == "packed" else PaddedNiT(model)
+                if compiled:
+                    torch._dynamo.reset()
+                    net = torch.compile(net)
+                try:
+                    results[row].append(measure(net, model, batchings[batching], args.warmup, autocast, device))
+                except torch.OutOfMemoryError:
+                    results[row].append(None)
+                del net
+                release(device)
+        baseline = results[rows[0]]
+        for row, measured in results.items():
+            layout, batching, attention = row
+            label = f"{layout:<8}{batching:<9}{attention:<18}{'on' if compiled else 'off':<9}"
+            done = [r for r in measured if r is not None]
+            if len(done) < len(measured):
+                print(f"{label}out of device memory in {len(measured) - len(done)} of {len(measured)} round(s)")
+            if not done:
                 continue
-            if layout == "padded":
-                padded_rate = r["tokens_s"]
-            mfu = f"{r['flops_s'] / peak:.1%}" if peak else "-"
-            memory = f"{r['memory']:.1f}" if r["memory"] is not None else "-"
-            ratio = f"{r['tokens_s'] / padded_rate:.2f}x" if padded_rate else "-"
-            graphs = str(r["recompiled"]) if compiled else "-"
-            print(f"{layout:<8}{label:<18}{'on' if compiled else 'off':<9}{r['step_s']:>8.3f}{r['tokens_s']:>12,.0f}"
-                  f"{r['images_s']:>9,.1f}{r['flops_s'] / 1e12:>9.3f}{mfu:>7}{memory:>10}{ratio:>11}{graphs:>8}",
-                  flush=True)
+            median = {key: statistics.median(r[key] for r in done) for key in ("step_s", "tokens_s", "images_s",
+                                                                               "flops_s")}
+            ratios = [r["tokens_s"] / b["tokens_s"] for r, b in zip(measured, baseline) if r and b]
+            ratio = "-" if not ratios else f"{statistics.median(ratios):.2f}x" + (
+                f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
+            mfu = f"{median['flops_s'] / peak:.1%}" if peak else "-"
+            memory = f"{max(r['memory'] for r in done):.1f}" if cuda else "-"
+            graphs = str(max(r["recompiled"] for r in done)) if compiled else "-"
+            print(f"{label}{median['step_s']:>8.3f}{median['tokens_s']:>12,.0f}{median['images_s']:>9,.1f}"
+                  f"{median['flops_s'] / 1e12:>9.3f}{mfu:>7}{memory:>10}{ratio:>20}{graphs:>8}", flush=True)
     print(f"load average (1, 5, 15 min) after: {load_average()}; above {os.cpu_count()} means other work "
           "competed for the cores")
     return 0
