@@ -120,7 +120,7 @@ def demo(
     catalog_path = out / "catalog"
     config = EncodeConfig(source=str(images.root), out=str(catalog_path),
                           encoder=EncoderSpec("pixel", factor=definition.encoder["factor"]),
-                          policies=definition.policies, flip=definition.flip, patch_size=plan["patch_size"],
+                          policies=definition.policies, flip=definition.flip, patch_size=definition.patch_size,
                           max_failure_rate=0.5, notes={"made_by": "nr demo", "definition": str(definition.path)})
     with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -141,7 +141,7 @@ def demo(
         raise typer.Exit(1)
 
     packs_path = out / "packs.parquet"
-    packed = pack_catalogs([catalog_path], max_tokens=plan["max_tokens"], patch_size=plan["patch_size"],
+    packed = pack_catalogs([catalog_path], max_tokens=plan["max_tokens"], patch_size=definition.patch_size,
                            epochs=plan["epochs"], seed=0)
     write_pack_result(packs_path, packed)
     pack_report = packing_report(packed.packings[0], packed.ranks[0])
@@ -215,8 +215,9 @@ def encode(
                                                  "image [default: --flip].", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Stored latent dtype: bfloat16, float16, float32 "
                                                  "[default: the encoder's].", show_default=False)] = None,
-    patch_size: Annotated[int, typer.Option(help="Patch size of the model to train: native sides become "
-                                                 "multiples of factor x patch.")] = 1,
+    patch_size: Annotated[Optional[int], typer.Option(help="Patch size of the model to train: native sides become "
+                                                           "multiples of factor x patch [default: 1, or the "
+                                                           "definition's].", show_default=False)] = None,
     batch_pixels: Annotated[int, typer.Option(help="Most pixels per encoder call (flips included); "
                                                    "lower it if the GPU runs out of memory.")] = 32 * 512 * 512,
     limit: Annotated[Optional[int], typer.Option(help="Encode only this many images, spread over the listing "
@@ -256,7 +257,7 @@ def encode(
                             factor=factor or enc.get("factor", 8)),
         policies=tuple(variant or (spec.policies if spec else ("native",))),
         flip=flip if flip is not None else (spec.flip if spec else True),
-        patch_size=patch_size, batch_pixels=batch_pixels, limit=limit, ray_address=ray_address,
+        patch_size=patch_size or (spec.patch_size if spec else 1), batch_pixels=batch_pixels, limit=limit, ray_address=ray_address,
         encoders=encoders, max_failure_rate=max_failure_rate, shard_rows=shard_rows,
         notes={"definition": str(spec.path)} if spec else {},
     )

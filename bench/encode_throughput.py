@@ -10,11 +10,11 @@ smooth shapes), then measures on this machine:
    `run_encode` (embedded Ray, shape-sorted batches under a pixel budget, flips batched, catalog
    written). The pipeline figure counts everything: Ray start-up, header probe, catalog commits.
 
-Encoder: a DC-AE f32c32 with the real block layout at reduced widths and random weights (no weights
+Encoder: a DC-AE f32c32 with the real block layout at reduced widths (8..32, as in the tests) and random weights (no weights
 can be downloaded here), in fp32 on CPU; on a GPU machine pass `--real-dcae` for the full-size
 architecture (bf16 pipeline against the fp32 batch-1 loop).
 
-Usage: .venv/bin/python bench/encode_throughput.py [--images 300] [--real-dcae]
+Usage: .venv/bin/python bench/encode_throughput.py [--images 150] [--real-dcae]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SMALL_DCAE = {
     "in_channels": 3, "latent_channels": 32, "attention_head_dim": 8,
     "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
     "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    "encoder_block_out_channels": [16, 32, 32, 64, 64, 64], "decoder_block_out_channels": [16, 32, 32, 64, 64, 64],
+    "encoder_block_out_channels": [8, 16, 16, 32, 32, 32], "decoder_block_out_channels": [8, 16, 16, 32, 32, 32],
     "encoder_layers_per_block": [1] * 6, "decoder_layers_per_block": [1] * 6,
     "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]], "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
     "upsample_block_type": "interpolate", "downsample_block_type": "Conv",
@@ -128,7 +128,7 @@ def decode_stage_ray(items, manifest_policies) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--real-dcae", action="store_true", help="full-size DC-AE architecture (GPU machines)")
     parser.add_argument("--batch-pixels", type=int, default=32 * 512 * 512)
     args = parser.parse_args()

@@ -25,8 +25,8 @@ BENCHMARKS = {
     "loader": ("loader_throughput.py", []),
     "encode": ("encode_throughput.py", []),
     "export": ("export_throughput.py", []),
-    "train": ("train_throughput.py", []),
-    "sample": ("sample_throughput.py", []),
+    "train": ("train_throughput.py", ["--threads", "1"]),
+    "sample": ("sample_throughput.py", ["--threads", "1"]),
 }
 
 

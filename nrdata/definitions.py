@@ -16,6 +16,7 @@ class CatalogDefinition:
     encoder: dict
     policies: tuple[str, ...]
     flip: bool
+    patch_size: int = 1  # the model's patch: native sizes are multiples of factor x patch_size
 
 
 def load_definition(name_or_path: str | Path) -> CatalogDefinition:
@@ -36,6 +37,6 @@ def load_definition(name_or_path: str | Path) -> CatalogDefinition:
         if flip not in ("store", "none"):
             raise ValueError(f"{path}: variants.flip must be 'store' or 'none', got {flip!r}")
         return CatalogDefinition(path, dict(data["source"]), dict(data["encoder"]), tuple(variants["policies"]),
-                                 flip == "store")
+                                 flip == "store", int(variants.get("patch_size", 1)))
     except KeyError as exc:
         raise ValueError(f"{path}: missing section or key {exc}; needs [source], [encoder], [variants].policies") from exc

@@ -193,6 +193,10 @@ class EncodeActor:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # Ray starts workers with one OpenMP thread; use the CPUs this actor holds
+            import ray
+
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.encoder = load_encoder(spec, device)
         self.flip = flip
         self.batch_pixels = batch_pixels
@@ -294,9 +298,12 @@ def _actor_resources(config: EncodeConfig) -> tuple[int, float, float]:
     gpus = resources.get("GPU", 0)
     per = config.gpus_per_encoder if config.gpus_per_encoder is not None else (1.0 if gpus else 0.0)
     actors = config.encoders or (max(1, int(gpus // per)) if per else 1)
-    # fractional CPUs keep the pool from holding every CPU on a small machine (Ray hangs when the
-    # actors take all CPUs and no task is left to feed them)
-    cpus = 1.0 if resources.get("CPU", 1) > 2 * actors else 0.5
+    total = resources.get("CPU", 1)
+    if per:
+        cpus = 1.0 if total > 2 * actors else 0.5
+    else:  # encoding on CPUs: half of them for the encoders' torch threads, half for decoding
+        cpus = max(0.5, float(int(total / 2 / actors)))
+    # never all CPUs: Ray hangs when the actors hold every CPU and no task is left to feed them
     return actors, per, cpus
 
 
