@@ -110,9 +110,10 @@ def decode_stage_loop(items, policy) -> float:
 def decode_stage_ray(items, manifest_policies) -> float:
     import ray
 
-    from pipelines.encode import _blocks, connect_ray, decode_resize
+    from pipelines.encode import _blocks, _configure_data_context, connect_ray, decode_resize
 
     connect_ray(None)
+    _configure_data_context()
     work = [{"path": str(i.path), "key": i.key, "label": i.label, "class_name": i.class_name,
              "variants": ["native"]} for i in items]
     start = time.perf_counter()

@@ -186,6 +186,9 @@ ENCODED_SCHEMA = pa.schema([
 ])
 
 
+CPU_BATCH_PIXELS = 2 * 384 * 512  # an ImageNet photo and its mirror
+
+
 class EncodeActor:
     """Holds one encoder on its device for the life of the actor (model load and warm-up happen once)."""
 
@@ -199,7 +202,8 @@ class EncodeActor:
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.encoder = load_encoder(spec, device)
         self.flip = flip
-        self.batch_pixels = batch_pixels
+        # on a CPU a big batch is slower per image than a small one (it no longer fits the caches)
+        self.batch_pixels = batch_pixels if device == "cuda" else min(batch_pixels, CPU_BATCH_PIXELS)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: list[dict[str, Any]] = []
