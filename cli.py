@@ -83,10 +83,11 @@ def demo(
     steps: Annotated[Optional[int], typer.Option(help="Training steps [default: from configs/demo.toml].",
                                                  show_default=False)] = None,
 ) -> None:
-    """The whole journey on built-in data, on a CPU, in a few minutes: generate texture images of many
-    sizes and aspect ratios (and a few broken files), encode them at native resolution on an embedded
-    Ray, pack them, train a small NiT, and sample every class at a square, a wide, a tall and a larger
-    size than any it saw.
+    """The whole journey on built-in data, on a CPU, in a few minutes.
+
+    Generates texture images of many sizes and aspect ratios (and a few broken files), encodes them
+    at native resolution on an embedded Ray, packs them, trains a small NiT, and samples every class
+    at a square, a wide, a tall and a larger size than any it saw.
 
     The same code paths as nr encode / pack / train / sample. Re-running resumes each step.
     """
@@ -231,8 +232,9 @@ def encode(
                                                          "(checked after 500).")] = 0.05,
     shard_rows: Annotated[int, typer.Option(help="Rows per catalog shard (a commit point).")] = 2048,
 ) -> None:
-    """Encode images into a latent catalog on Ray Data: decode/resize on CPU workers, encode on an
-    actor pool (one per GPU, or CPU), write atomic shards.
+    """Encode images into a latent catalog on Ray Data, at native resolution and fixed crops.
+
+    Decode/resize on CPU workers, encode on an actor pool (one per GPU, or CPU), write atomic shards.
 
     Failed images become rows of the errors table. Re-running the same command resumes: committed
     rows are skipped. On a cluster: ray job submit --address http://HEAD:8265 -- nr encode ...
@@ -440,8 +442,10 @@ def sample(
                                                                "where the catalog's manifest says.",
                                                           show_default=False)] = None,
 ) -> None:
-    """Generate images at any size and aspect ratio from a checkpoint, decode them with the catalog's
-    encoder, and write what the ADM evaluator reads, plus a provenance JSON.
+    """Generate images at any size and aspect ratio from a checkpoint.
+
+    Decodes them with the catalog's encoder and writes PNGs, what the ADM evaluator reads (.npz), a
+    grid and a provenance JSON.
 
     Re-running skips samples that exist. Several GPUs: torchrun --nproc_per_node N $(which nr) sample ...
     """
@@ -513,8 +517,10 @@ def export_catalog(
     udit_padding: Annotated[bool, typer.Option(help="fastdit only: one extra file, because U-DiT drops its "
                                                     "last one.")] = True,
 ) -> None:
-    """Write a catalog in the layout of NiT, FiT, LightningDiT, fast-DiT/U-DiT or U-ViT/DiMR, streaming and
-    resumable. A catalog the format cannot express is refused with the encode command that makes one."""
+    """Write a catalog in the layout of NiT, FiT, LightningDiT, fast-DiT/U-DiT or U-ViT/DiMR.
+
+    Streaming and resumable. A catalog the format cannot express is refused with the encode command
+    that makes one."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from nrdata.interop import EXPORTERS, ExportMismatchError, UnsupportedCatalogError
@@ -568,8 +574,10 @@ def import_nit_command(
                                                  show_default=False)] = None,
     image_root: Annotated[str, typer.Option(help="Where the source JPEGs are, recorded in the manifest.")] = "",
 ) -> None:
-    """Turn NiT's released latents into an nr catalog (DC-AE f32c32 manifest, flips kept), so the packer,
-    loader and trainer work on them without re-encoding. Resumable."""
+    """Turn NiT's released latents into an nr catalog, without re-encoding.
+
+    Writes a DC-AE f32c32 manifest and keeps the flips, so the packer, loader and trainer work on
+    them. Resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from nrdata.interop import import_nit
