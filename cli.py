@@ -180,8 +180,8 @@ def demo(
                            cfg_interval=tuple(plan["cfg_interval"]), grid_count=len(images.classes) *
                            plan["samples_per_class"], progress=lambda d, t: bar.update(task, completed=d, total=t))
     for outcome in sampled.sizes:
-        note = "  [yellow]larger than any training image[/yellow]" if outcome.beyond_training else ""
-        console.print(f"   {outcome.size.name} px: {outcome.grid}{note}")
+        note = "  [yellow]beyond the training sizes[/yellow]" if outcome.beyond_training else ""
+        console.print(f"   {outcome.size.name} px: {outcome.grid}{note}", soft_wrap=True)
 
     console.print(f"done in {time.perf_counter() - start:.0f} s. Columns of the grids = classes: "
                   f"{', '.join(images.classes)}. Look inside:\n"
