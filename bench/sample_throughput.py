@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -50,6 +48,9 @@ from nrtrain.model import PRESETS, NiT, build_model
 from nrtrain.packed import PackedBatch
 from nrtrain.train import peak_flops
 from nrtrain.transport import noise_pack, sample
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_device import add_device_options, load_average, print_header, resolve_device  # noqa: E402
 
 CHANNELS = 32
 FACTOR = 32  # DC-AE f32: pixels per latent pixel
@@ -106,10 +107,6 @@ def run(model: NiT, noise: PackedBatch, steps: int, cfg_scale: float, interval: 
             "doubled": counter.doubled, "tokens": counter.tokens, "flops": flops}
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def parse_interval(text: str) -> tuple[float, float]:
     try:
         low, high = (float(part) for part in text.split(","))
@@ -137,7 +134,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Defaults depend on the device: CUDA runs XL in bf16, 50 steps, batch 128; "
                                             "CPU runs demo in fp32, 20 steps, batch 4.")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    add_device_options(parser)
     parser.add_argument("--preset", choices=list(PRESETS), help="model size (default: XL on CUDA, demo on CPU)")
     parser.add_argument("--sizes", type=parse_sizes, default=[256, 512],
                         help="square image sizes in pixels, comma-separated (default: 256,512)")
@@ -148,25 +145,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                         help="CFG interval LOW,HIGH of t (t = 1 is noise), measured against 0,1 (default: 0,0.7)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median)")
     parser.add_argument("--attention", default="auto", help="attention backend (default: auto, as nr sample)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            parser.error(f"--device {args.device!r}: {error}")
-        if device.type not in ("cpu", "cuda"):
-            parser.error(f"--device {args.device!r}: use cpu or cuda")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    device = resolve_device(parser, args)
     cuda = device.type == "cuda"
     defaults = dict(preset="XL" if cuda else "demo", batch=128 if cuda else 4, steps=50 if cuda else 20)
     for name, value in defaults.items():
@@ -192,18 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args, device = parse_args(argv)
     cuda = device.type == "cuda"
     model_dtype = torch.bfloat16 if cuda else torch.float32
-    gpu = torch.cuda.get_device_name(device) if cuda else "no GPU"
-
-    print("NiT sampling throughput: CFG on an interval against CFG on every step")
-    print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
-          f"{platform.machine()}, python {platform.python_version()}, torch {torch.__version__}, "
-          f"device {device} ({gpu}), load average (1, 5, 15 min) {load_average()}")
-    threads = torch.get_num_threads()
-    if not cuda and threads > 1 and os.getloadavg()[0] + threads > os.cpu_count() + 0.5:
-        print(f"note: other work already loads this CPU ({os.getloadavg()[0]:.1f}) and torch uses "
-              f"{torch.get_num_threads()} threads on {os.cpu_count()} cores; contended threads slow small ops "
-              "unevenly, --threads 1 gives steadier figures")
+    print_header("NiT sampling throughput: CFG on an interval against CFG on every step", device)
 
     torch.manual_seed(args.seed)
     with torch.device(device):

@@ -62,8 +62,6 @@ import argparse
 import gc
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -85,6 +83,9 @@ from nrtrain.packed import PackedBatch, packed_from_tokens
 from nrtrain.rope import apply_rope, rope_coordinates, rope_cos_sin
 from nrtrain.train import TrainConfig, make_optimizer, peak_flops
 from nrtrain.transport import FlowMatchingLoss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_device import add_device_options, load_average, print_header, resolve_device  # noqa: E402
 
 CHANNELS = 32
 PATCH = 1
@@ -266,17 +267,13 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Defaults depend on the device: CUDA runs XL, L=16384, bf16, 10 steps, "
                                             "1 round, compile off and on; CPU runs demo, L=2048, fp32, 4 steps, "
                                             "3 rounds, compile off.")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    add_device_options(parser)
     parser.add_argument("--preset", choices=list(PRESETS), help="model size (default: XL on CUDA, demo on CPU)")
     parser.add_argument("--max-tokens", type=int, help="pack budget L (default: 16384 on CUDA, 2048 on CPU)")
     parser.add_argument("--steps", type=int, help="timed steps per row (default: 10 on CUDA, 4 on CPU)")
@@ -290,25 +287,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                         help="torch.compile the model (default: both on CUDA, off on CPU)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 autocast on CUDA, fp32 on CPU (as nr train)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            parser.error(f"--device {args.device!r}: {error}")
-        if device.type not in ("cpu", "cuda"):
-            parser.error(f"--device {args.device!r}: use cpu or cuda")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    device = resolve_device(parser, args)
     cuda = device.type == "cuda"
     defaults = dict(preset="XL" if cuda else "demo", max_tokens=16_384 if cuda else 2048, steps=10 if cuda else 4,
                     warmup=3 if cuda else 1, rounds=1 if cuda else 3, compile="both" if cuda else "off")
@@ -362,18 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    gpu = torch.cuda.get_device_name(device) if cuda else "no GPU"
-
-    print("NiT training-step throughput: packed batches against the same images padded")
-    print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
-          f"{platform.machine()}, python {platform.python_version()}, torch {torch.__version__}, "
-          f"device {device} ({gpu}), load average (1, 5, 15 min) {load_average()}")
-    threads = torch.get_num_threads()
-    if not cuda and threads > 1 and os.getloadavg()[0] + threads > os.cpu_count() + 0.5:
-        print(f"note: other work already loads this CPU ({os.getloadavg()[0]:.1f}) and torch uses "
-              f"{torch.get_num_threads()} threads on {os.cpu_count()} cores; contended threads slow small ops "
-              "unevenly, --threads 1 gives steadier figures")
+    print_header("NiT training-step throughput: packed batches against the same images padded", device)
 
     packs = draw_packs(args.warmup + args.steps, args.max_tokens, args.seed)
     rng = np.random.default_rng(args.seed + 1)
