@@ -91,7 +91,7 @@ def demo(
 
     The same code paths as nr encode / pack / train / sample. Re-running resumes each step.
     """
-    import json
+    import shutil
     import time
     import tomllib
 
@@ -103,7 +103,7 @@ def demo(
     from nrdata.demo_data import write_demo_images
     from nrdata.packing import packing_report, plot_packing
     from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result
-    from nrtrain.checkpoint import resolve_checkpoint
+    from nrtrain.checkpoint import read_run_info
     from nrtrain.sample import generate
     from nrtrain.sample_plan import SampleRequest
     from nrtrain.train import load_config
@@ -123,8 +123,8 @@ def demo(
                           encoder=EncoderSpec("pixel", factor=definition.encoder["factor"]),
                           policies=definition.policies, flip=definition.flip, patch_size=definition.patch_size,
                           max_failure_rate=0.5, notes={"made_by": "nr demo", "definition": str(definition.path)})
-    with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("encode", total=None, rate="starting Ray...")
         summary = run_encode(config, on_progress=lambda p: bar.update(
             task, total=p.total, completed=p.done, rate=f"{p.images_per_second:.0f} img/s"))
@@ -157,7 +157,7 @@ def demo(
         overrides["steps"] = steps
     train_config = load_config(Path(definition.path).parent.parent / plan["train_config"], overrides)
     try:
-        done = json.loads((resolve_checkpoint(run_dir) / "run.json").read_text())["step"]
+        done = read_run_info(run_dir)["step"]
     except FileNotFoundError:
         done = 0
     if done < train_config.steps:
@@ -167,6 +167,8 @@ def demo(
             task = bar.add_task("train", total=train_config.steps, completed=done, loss="")
             run_training(train_config, on_log=lambda r: bar.update(
                 task, completed=r["step"], loss=f"loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"))
+        # samples of an earlier checkpoint are stale now (nr sample refuses to mix checkpoints in a folder)
+        shutil.rmtree(out / "samples", ignore_errors=True)
     console.print(f"   {train_config.model} model, {train_config.steps} steps -> {run_dir} "
                   f"(loss curve {run_dir / 'loss.png'})")
 

@@ -1,4 +1,5 @@
-"""What the torch benchmarks share: the --device/--threads options and the machine line they print."""
+"""What the torch benchmarks share: the --device/--threads options, the machine line they print, and
+random weights where NiT initialises zeros."""
 
 from __future__ import annotations
 
@@ -53,3 +54,12 @@ def print_header(title: str, device: torch.device) -> None:
         print(f"note: other work already loads this CPU ({os.getloadavg()[0]:.1f}) and torch uses "
               f"{threads} threads on {os.cpu_count()} cores; contended threads slow small ops "
               "unevenly, --threads 1 gives steadier figures")
+
+
+def randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
+    """Draw the zero-initialised (adaLN-Zero, final) weights at std 0.02 so outputs are not all zero."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)

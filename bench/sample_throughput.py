@@ -50,7 +50,8 @@ from nrtrain.train import peak_flops
 from nrtrain.transport import noise_pack, sample
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_device import add_device_options, load_average, print_header, resolve_device  # noqa: E402
+from bench_device import (add_device_options, load_average, print_header, randomize_zero_layers,  # noqa: E402
+                          resolve_device)
 
 CHANNELS = 32
 FACTOR = 32  # DC-AE f32: pixels per latent pixel
@@ -72,15 +73,6 @@ class CountingModel(nn.Module):
         self.doubled += int(batch.num_images == 2 * self.images)
         self.tokens += x.shape[0]
         return self.model(x, t, y, batch)
-
-
-def randomize_zero_layers(model: nn.Module, seed: int) -> None:
-    """Draw the zero-initialised (adaLN-Zero, final) weights at std 0.02 so the velocity is not all zero."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2 and not parameter.any():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
 
 
 def run(model: NiT, noise: PackedBatch, steps: int, cfg_scale: float, interval: tuple[float, float],

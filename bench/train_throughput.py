@@ -85,7 +85,8 @@ from nrtrain.train import TrainConfig, make_optimizer, peak_flops
 from nrtrain.transport import FlowMatchingLoss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_device import add_device_options, load_average, print_header, resolve_device  # noqa: E402
+from bench_device import (add_device_options, load_average, print_header, randomize_zero_layers,  # noqa: E402
+                          resolve_device)
 
 CHANNELS = 32
 PATCH = 1
@@ -136,15 +137,6 @@ def batch_of(images: list[Image]) -> PackedBatch:
 
 def real_share(batches: list[PackedBatch]) -> float:
     return sum(b.num_tokens for b in batches) / sum(b.num_images * b.max_seqlen for b in batches)
-
-
-def randomize_zero_layers(model: nn.Module, seed: int) -> None:
-    """Draw the zero-initialised (adaLN-Zero, final) weights at std 0.02 so outputs are not all zero."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2 and not parameter.any():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
 
 
 class PaddedNiT(nn.Module):

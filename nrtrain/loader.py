@@ -146,6 +146,7 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"{packs}: packs were built for patch size {packed_for} (pack token counts and the "
                              f"max_tokens budget are in those tokens) but the model uses {self.patch_size}; re-run "
                              f"`nr pack ... --patch-size {self.patch_size}`")
+        self.catalogs = opened  # checked against the packs' fingerprints by open_packs
         self.normalization: Normalization = pooled_normalization(opened)
         self.channels = opened[0].manifest.encoder.channels
         self.token_dim = self.channels * self.patch_size**2

@@ -25,10 +25,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from nrdata.packing.catalog_packs import open_packs
 from nrdata.version import code_version
-from nrtrain.checkpoint import (check_data_identity, data_identity, load_training_state, read_run_info,
-                                resolve_checkpoint, save_checkpoint)
+from nrtrain.checkpoint import (check_data_identity, data_identity, load_training_state, load_weights,
+                                read_run_info, resolve_checkpoint, save_checkpoint)
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
@@ -314,7 +313,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                           pin_memory=device.type == "cuda", repa_images=encoder is not None,
                           image_root=config.repa_image_root)
     dataset = loader.dataset
-    _, _, catalogs = open_packs(config.packs, config.catalogs)
+    catalogs = dataset.catalogs
     identity = data_identity(catalogs, loader.normalization, dataset.patch_size)
     # unlabelled rows (label -1) train as the null class, so an unlabelled catalog trains unconditionally
     num_classes = config.num_classes or max(1, 1 + max(int(c.scan().select("label").max().collect().item())
@@ -346,8 +345,6 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
             raise ValueError(f"{checkpoint}: the checkpoint's model {saved['model']} differs from this config's "
                              f"{run_info['model']}; resume with the config the run was started with")
         state = load_training_state(checkpoint)
-        from nrtrain.checkpoint import load_weights
-
         model.load_state_dict(load_weights(checkpoint, ema=False))
         ema.load_state_dict(load_weights(checkpoint, ema=True))
         optimizer.load_state_dict(state["optimizer"])

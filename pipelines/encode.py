@@ -348,11 +348,10 @@ def run_encode(config: EncodeConfig, *, on_progress: Callable[[EncodeProgress], 
         finally:
             if ray_info["mode"] == "embedded":
                 ray.shutdown()
-        summary = EncodeSummary(catalog=str(config.out), items=len(items), encoded=0, skipped=skipped,
-                                failed=writer.summary.errors, seconds=0.0, progress=progress, ray=ray_info)
-    summary.encoded = writer.summary.committed  # close() committed the last shard
-    summary.seconds = time.perf_counter() - started
-    return summary
+    # after close(), which committed the last shard
+    return EncodeSummary(catalog=str(config.out), items=len(items), encoded=writer.summary.committed,
+                         skipped=skipped, failed=writer.summary.errors, seconds=time.perf_counter() - started,
+                         progress=progress, ray=ray_info)
 
 
 def _stream(config: EncodeConfig, manifest, work: list[dict], policies: list[ResolutionPolicy],
