@@ -9,6 +9,10 @@
 
 A checkpoint is written into a temporary folder and renamed when complete, then `latest` is
 replaced atomically, so a crash at any moment leaves the previous checkpoint intact and named.
+A `step-*` folder is always complete: folders appear by renaming a finished one in and leave by
+being renamed to a hidden `.del-` name before they are deleted. Re-saving a step that exists (a
+re-run after a resume) first points `latest` at a hard-linked copy of the old folder (`.old-`), so
+`latest` names a complete checkpoint at every instant; the next save cleans up what a crash left.
 
 The data identity is what `nr train --resume` and `nr sample` check a catalog against: encoder,
 factor, channels, stored quantity, normalisation statistics, and the largest training size (the
@@ -18,7 +22,9 @@ sampler's RoPE extrapolation starts there).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,11 @@ from nrdata.catalog.atomic import atomic_write_bytes, fsync_path
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
+# hidden names in checkpoints/, never pruned: a folder being written, a replaced step's stand-in, a
+# folder being deleted
+TMP_PREFIX = ".tmp-"
+BACKUP_PREFIX = ".old-"
+DISCARD_PREFIX = ".del-"
 
 
 class CheckpointMismatchError(ValueError):
@@ -79,7 +90,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: to
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_cpu_state(model), str(tmp / "model.safetensors"))
@@ -89,16 +100,77 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: to
     (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=2, default=str) + "\n")
     for path in tmp.iterdir():
         fsync_path(path)
+    fsync_path(tmp)
     if final.exists():  # a re-run of the same step after a resume: replace it whole
-        shutil.rmtree(final)
+        # `latest` may name `final`; it must name a complete folder while `final` is away
+        backup = root / _hidden_name(BACKUP_PREFIX, final.name)
+        shutil.copytree(final, backup, copy_function=_link_or_copy)
+        fsync_path(backup)
+        fsync_path(root)
+        if _latest_name(root) == final.name:
+            _point_latest(root, backup.name)
+        _discard(final)
     tmp.rename(final)
     fsync_path(root)
-    atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
+    _point_latest(root, final.name)
+    _clean_leftovers(root)
     if keep:
         for old in sorted(root.glob(f"{STEP_PREFIX}*"))[:-keep]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     return final
+
+
+def _hidden_name(prefix: str, name: str) -> str:
+    # unique, so a leftover of an earlier crash never collides
+    return f"{prefix}{uuid.uuid4().hex[:8]}-{name}"
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)  # the files are never written in place, so sharing them is safe and free
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _point_latest(root: Path, name: str) -> None:
+    atomic_write_bytes(root / LATEST, (name + "\n").encode())
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder so that a crash midway never leaves a partial folder under its own name."""
+    doomed = folder.with_name(_hidden_name(DISCARD_PREFIX, folder.name))
+    folder.rename(doomed)
+    fsync_path(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove what an interrupted save left; called once `latest` names a fresh checkpoint, so
+    nothing hidden is named. A backup whose step folder is gone was the only copy: it goes back."""
+    named = _latest_name(root)
+    for path in sorted(root.glob(f"{DISCARD_PREFIX}*")) + sorted(root.glob(f"{TMP_PREFIX}*")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # a `latest` that was never put in place
+            path.unlink(missing_ok=True)
+    for backup in sorted(root.glob(f"{BACKUP_PREFIX}*")):
+        if backup.name == named:
+            continue
+        original = root / backup.name[len(BACKUP_PREFIX) + 9:]
+        if original.name.startswith(STEP_PREFIX) and not original.exists() and (backup / "run.json").is_file():
+            backup.rename(original)
+            fsync_path(root)
+        else:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -118,7 +190,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
             found = root / latest.read_text().strip()
             if (found / "run.json").is_file():
                 return found
-            raise FileNotFoundError(f"{latest} names {found.name}, which is not a complete checkpoint")
+            complete = [p for p in sorted(root.glob(f"{STEP_PREFIX}*")) if (p / "run.json").is_file()]
+            hint = (f"the newest complete one there is {complete[-1]}: pass it, or write "
+                    f"'{complete[-1].name}' into {latest}" if complete else
+                    "no complete step-* folder is left there; start a new run")
+            raise FileNotFoundError(f"{latest} names {found.name}, which is not a complete checkpoint "
+                                    f"(no {found / 'run.json'}); {hint}")
     raise FileNotFoundError(f"{path}: no checkpoint here (expected a folder with run.json, or a run folder "
                             f"with checkpoints/{LATEST})")
 
