@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nrtrain.environment import attention_backend
 from nrtrain.packed import PackedBatch
 
 BACKENDS = ("flash-varlen", "torch-varlen", "sdpa-loop", "masked-sdpa", "flex")
@@ -40,37 +39,74 @@ class AttentionMeta:
     block_mask: object | None = None  # flex: a BlockMask over the pack
 
 
-@functools.lru_cache(maxsize=None)
-def resolve_backend(name: str, device_type: str, *, needs_backward: bool = False) -> str:
-    """The backend to use for `name` ("auto" or one of BACKENDS) on a device type ("cuda", "cpu").
+def choose_backend(device_type: str, dtype: torch.dtype, *, compiled: bool = False) -> tuple[str, str]:
+    """(backend, why) that "auto" means for attention in `dtype` on a device type.
 
-    Raises ValueError naming the missing piece when the backend cannot run there.
+    The order follows shared/reference/deps.md 3d: on CUDA in fp16/bf16 the varlen kernels (flash-attn
+    where installed, else PyTorch's own); elsewhere a loop of SDPA over the pack's images (7-8x faster
+    than a masked SDPA on CPU). The SDPA loop plans each pack in Python, so under torch.compile it
+    would recompile for every pack: compiled runs take flex on CUDA and the masked SDPA on CPU.
+    """
+    half = dtype in HALF_DTYPES
+    if device_type == "cuda" and half:
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash-varlen", "flash-attn is installed"
+        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+            return "torch-varlen", "flash-attn not installed; torch.nn.attention.varlen on CUDA"
+    where = f"{device_type} in {str(dtype).removeprefix('torch.')}"
+    if compiled:
+        if device_type == "cuda":
+            return "flex", f"torch.compile on {where}: flex_attention with a document mask"
+        return "masked-sdpa", f"torch.compile on {where}: one SDPA with a block-diagonal mask"
+    if device_type == "cuda":
+        return "sdpa-loop", f"the varlen kernels need fp16/bf16; per-image SDPA on {where}"
+    return "sdpa-loop", f"no varlen kernel on {where}; per-image SDPA"
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.float32, *,
+                    needs_backward: bool = False, compiled: bool = False) -> str:
+    """The backend to use for `name` ("auto" or one of BACKENDS) for attention computed in `dtype`
+    (the autocast dtype under autocast, else the model's) on a device type ("cuda", "cpu").
+
+    Raises ValueError naming the missing piece and what to use instead when the backend cannot run there.
     """
     if name == "auto":
-        return attention_backend(device_type)[0]
+        return choose_backend(device_type, dtype, compiled=compiled)[0]
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose 'auto' or one of {BACKENDS}")
-    if name == "flash-varlen":
+    if name in ("flash-varlen", "torch-varlen"):
         if device_type != "cuda":
-            raise ValueError(f"attention backend flash-varlen runs on CUDA only, not {device_type}; "
-                             "use sdpa-loop there")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("attention backend flash-varlen needs the flash-attn package "
-                             "(pip install flash-attn --no-build-isolation), or use torch-varlen")
-    if name == "torch-varlen":
-        if device_type != "cuda":
-            raise ValueError(f"attention backend torch-varlen runs on CUDA only, not {device_type}; "
-                             "use sdpa-loop there")
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-            raise ValueError(f"attention backend torch-varlen needs torch.nn.attention.varlen, absent in torch "
-                             f"{torch.__version__}; upgrade torch or use flash-varlen")
+            raise ValueError(f"attention backend {name} runs on CUDA only, not {device_type}; "
+                             "use sdpa-loop there (or attention=auto)")
+        if dtype not in HALF_DTYPES:
+            raise ValueError(f"attention backend {name} needs fp16/bf16 but the model computes in "
+                             f"{str(dtype).removeprefix('torch.')}; train with precision=bf16 or sample with "
+                             "--dtype bfloat16, or use attention=auto (sdpa-loop in fp32)")
+    if name == "flash-varlen" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attention backend flash-varlen needs the flash-attn package "
+                         "(pip install flash-attn --no-build-isolation), or use torch-varlen")
+    if name == "torch-varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        raise ValueError(f"attention backend torch-varlen needs torch.nn.attention.varlen, absent in torch "
+                         f"{torch.__version__}; upgrade torch or use flash-varlen")
     if name == "flex":
         if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             raise ValueError(f"attention backend flex needs torch.nn.attention.flex_attention, absent in torch "
                              f"{torch.__version__}")
         if needs_backward and device_type != "cuda":
             raise ValueError(f"attention backend flex has no backward on {device_type}; train with sdpa-loop there")
+    if name == "sdpa-loop" and compiled:
+        raise ValueError("attention backend sdpa-loop plans every pack in Python, so torch.compile would "
+                         "recompile for each pack; with compile use attention=auto (masked-sdpa on CPU, "
+                         "flex or the varlen kernels on CUDA)")
     return name
+
+
+def compute_dtype(device_type: str, parameter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention sees: autocast's when it is on for the device, else the parameters'."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return parameter_dtype
 
 
 def prepare_attention(batch: PackedBatch, backend: str) -> AttentionMeta:
@@ -120,7 +156,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         return flex_over_pack(q, k, v, meta.block_mask)
     if q.dtype not in HALF_DTYPES:
         raise ValueError(f"attention backend {backend} needs fp16/bf16 q, k, v, got {q.dtype}; "
-                         "run the model under torch.autocast(dtype=torch.bfloat16) or in bf16")
+                         "use attention=auto, which picks sdpa-loop for fp32")
     if backend == "flash-varlen":
         from flash_attn import flash_attn_varlen_func
 

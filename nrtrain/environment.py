@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from dataclasses import dataclass
 from importlib import metadata
@@ -28,18 +27,16 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
-def attention_backend(device_type: str) -> tuple[str, str]:
-    """(backend, why) for packed block-diagonal attention on a device type.
+def attention_backend(device_type: str, dtype=None) -> tuple[str, str]:
+    """(backend, why) for packed attention on a device type, in bf16 on CUDA (what `precision=auto`
+    trains in) and fp32 elsewhere unless `dtype` says otherwise (nrtrain.attention.choose_backend)."""
+    import torch
 
-    The order follows measurements in shared/reference/deps.md 3d: flash-attn varlen where it is
-    installed on CUDA, else PyTorch's varlen kernel on CUDA, else a loop of SDPA over the images
-    of a pack (7-8x faster than a masked SDPA on CPU).
-    """
-    if device_type == "cuda":
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash-varlen", "flash-attn is installed"
-        return "torch-varlen", "flash-attn not installed; torch.nn.attention.varlen on CUDA"
-    return "sdpa-loop", f"no CUDA kernel for packed attention on {device_type}; per-image SDPA"
+    from nrtrain.attention import choose_backend
+
+    if dtype is None:
+        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return choose_backend(device_type, dtype)
 
 
 def environment_report() -> list[Check]:

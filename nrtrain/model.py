@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nrtrain.attention import AttentionMeta, packed_attention, prepare_attention, resolve_backend
+from nrtrain.attention import AttentionMeta, compute_dtype, packed_attention, prepare_attention, resolve_backend
 from nrtrain.packed import PackedBatch
 from nrtrain.rope import ROPE_GRIDS, RopeExtrapolation, apply_rope, rope_coordinates, rope_cos_sin
 
@@ -269,6 +269,7 @@ class NiT(nn.Module):
         self.blocks = nn.ModuleList([NiTBlock(config) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden, config.token_dim)
         self.projector = repa_projector(hidden, repa_hidden, repa_dim) if repa_depth is not None else None
+        self.attention_plan: tuple[str, str] | None = None  # (device type, backend) fixed by `use_attention`
 
     @classmethod
     def from_config(cls, config: NiTConfig) -> NiT:
@@ -278,8 +279,32 @@ class NiT(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
+    def use_attention(self, device: torch.device | str, dtype: torch.dtype, *, training: bool,
+                      compiled: bool = False) -> str:
+        """Fix the attention backend for runs on `device` computing attention in `dtype` (the autocast
+        dtype under autocast); returns it. Call before torch.compile, so that nothing is resolved
+        inside the traced forward. Raises ValueError when the configured backend cannot run there."""
+        device_type = torch.device(device).type
+        backend = resolve_backend(self.config.attention, device_type, dtype, needs_backward=training,
+                                  compiled=compiled)
+        self.attention_plan = (device_type, backend)
+        return backend
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block (regional compilation: one graph serves every block
+        and every pack length, with dynamic shapes). What lies between blocks (RoPE angles, the
+        attention plan, embeddings) stays eager: it is cheap and depends on the pack's structure."""
+        if self.attention_plan is None:
+            raise ValueError("call use_attention(device, dtype, training=..., compiled=True) before compile_blocks")
+        for block in self.blocks:
+            block.compile(**{"dynamic": True, **options})
+
     def attention_backend(self, device: torch.device) -> str:
-        return resolve_backend(self.config.attention, device.type,
+        plan = self.attention_plan
+        if plan is not None and plan[0] == device.type:
+            return plan[1]
+        dtype = compute_dtype(device.type, self.x_embedder.proj.weight.dtype)
+        return resolve_backend(self.config.attention, device.type, dtype,
                                needs_backward=self.training and torch.is_grad_enabled())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, batch: PackedBatch, *,

@@ -27,6 +27,9 @@ class PackedBatch:
     # uint8 [H, W, 3] per image, the pixels its latent was encoded from (flipped with it), for REPA;
     # host-side only: `to` and `pin_memory` leave them where they are
     images: list[np.ndarray] | None = None
+    # tokens per image as Python ints, captured when the batch leaves the CPU, so that FLOP counts and the
+    # per-image attention plan never read `sizes` back from the GPU (a host sync per micro-step)
+    host_seqlens: tuple[int, ...] | None = None
 
     @property
     def num_images(self) -> int:
@@ -37,16 +40,22 @@ class PackedBatch:
         return int(self.tokens.shape[0])
 
     def seqlens(self) -> list[int]:
-        """Tokens per image as Python ints (from sizes, which live on the host side of a pinned copy)."""
+        """Tokens per image as Python ints: the host-side copy when the batch has one, else read from
+        `sizes` (free on the CPU, a device sync on a GPU)."""
+        if self.host_seqlens is not None:
+            return list(self.host_seqlens)
         return [int(h) * int(w) for h, w in self.sizes.tolist()]
 
     def to(self, device: torch.device | str, *, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> PackedBatch:
+        host = self.host_seqlens
+        if host is None and self.sizes.device.type == "cpu":
+            host = tuple(self.seqlens())
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         tokens = self.tokens.to(device, dtype=dtype or self.tokens.dtype, non_blocking=non_blocking)
         return replace(self, tokens=tokens, sizes=move(self.sizes), cu_seqlens=move(self.cu_seqlens),
                        positions=move(self.positions), image_ids=move(self.image_ids), labels=move(self.labels),
-                       row_ids=move(self.row_ids))
+                       row_ids=move(self.row_ids), host_seqlens=host)
 
     def with_tokens(self, tokens: torch.Tensor) -> PackedBatch:
         return replace(self, tokens=tokens)
@@ -119,7 +128,8 @@ def packed_from_tokens(token_lists: list[torch.Tensor], sizes: list[tuple[int, i
     labels_t = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     rows = None if row_ids is None else torch.as_tensor(row_ids, dtype=torch.int64).reshape(-1)
     batch = PackedBatch(tokens=torch.cat(token_lists), sizes=sizes_t, cu_seqlens=cu, max_seqlen=max(lengths),
-                        positions=positions, image_ids=image_ids, labels=labels_t, row_ids=rows)
+                        positions=positions, image_ids=image_ids, labels=labels_t, row_ids=rows,
+                        host_seqlens=tuple(lengths))
     check_cu_seqlens(batch.cu_seqlens, batch.num_tokens)
     return batch
 

@@ -206,6 +206,7 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
                                 device=device, batch_size=decode_batch_size)
         model, _ = load_model(folder, ema=ema, device=device, attention="auto")
         model = model.to(dtype=model_dtype)
+        model.use_attention(device, model_dtype, training=False)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for size in plan.sizes:

@@ -13,6 +13,7 @@ Ray Train job (`nrtrain.ray_train`), all through `train(config)`.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from nrtrain.checkpoint import (check_data_identity, data_identity, load_trainin
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
+from nrtrain.packed import PackedBatch
 from nrtrain.repa import load_vision_encoder, repa_targets
 from nrtrain.transport import FlowMatchingLoss
 
@@ -73,7 +75,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (dynamic shapes: one graph for every pack)
+    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager checks tracing without code generation
     tf32: bool = True
     workers: int = 2
     log_every: int = 10
@@ -284,6 +287,86 @@ def plot_loss(out: str | Path) -> Path | None:
     return path
 
 
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the context every forward runs in: bf16 autocast (precision bf16, or auto on CUDA)
+    or nothing. A factory, not a context object: each micro-step enters a fresh one."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def compute_dtype_of(autocast: Callable[[], ContextManager], parameters_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype the model's matmuls and attention run in under `autocast` (from `autocast_for`)."""
+    if isinstance(autocast, functools.partial) and autocast.func is torch.autocast:
+        return autocast.keywords["dtype"]
+    return parameters_dtype
+
+
+@dataclass
+class StepLosses:
+    loss: torch.Tensor  # device scalar: mean over the micro-batches of their (detached) loss
+    repa: torch.Tensor | None  # device scalar, the REPA term likewise; None without REPA
+    finite: torch.Tensor  # device bool: every micro-batch's loss was finite
+    images: int
+    tokens: int
+    flops: int  # model_flops of forward + backward over the micro-batches, from host-side lengths
+
+
+def train_step(net: torch.nn.Module, micro_batches: Sequence[PackedBatch], loss_fn: FlowMatchingLoss,
+               generator: torch.Generator | Sequence[torch.Generator], *, autocast: Callable[[], ContextManager] = nullcontext, encoder=None,
+               on_micro: Callable[[PackedBatch, Any], None] | None = None) -> StepLosses:
+    """Forward and backward of every micro-batch (already on the device), gradients accumulated as
+    their mean; under DDP only the last micro-batch all-reduces. Nothing here reads the device back:
+    the caller decides when to look at `finite` (one sync per step, see `train`).
+
+    `generator` draws t, noise and label dropout for every micro-batch in turn, or is one generator
+    per micro-batch (to replay the same draws in another split of the work)."""
+    model = getattr(net, "module", net)
+    model = getattr(model, "_orig_mod", model)
+    accum = len(micro_batches)
+    generators = [generator] * accum if isinstance(generator, torch.Generator) else list(generator)
+    if len(generators) != accum:
+        raise ValueError(f"{len(generators)} generators for {accum} micro-batches; give one, or one each")
+    loss_sum = repa_sum = None
+    finite = None
+    images = tokens = flops = 0
+    for micro, batch in enumerate(micro_batches):
+        batch.labels = torch.where(batch.labels < 0, loss_fn.null_class, batch.labels)
+        last = micro == accum - 1
+        with (net.no_sync() if hasattr(net, "no_sync") and not last else nullcontext()), autocast():
+            targets = repa_targets(encoder, batch.images, batch.sizes, batch.tokens.device) if encoder else None
+            terms = loss_fn(net, batch, generators[micro], repa_targets=targets)
+        loss = terms.loss.float()
+        (loss / accum).backward()
+        detached = loss.detach()
+        ok = torch.isfinite(detached)
+        finite = ok if finite is None else finite & ok
+        loss_sum = detached if loss_sum is None else loss_sum + detached
+        if terms.repa is not None:
+            repa_sum = terms.repa if repa_sum is None else repa_sum + terms.repa
+        seqlens = batch.seqlens()
+        images += len(seqlens)
+        tokens += sum(seqlens)
+        flops += model_flops(model.config, seqlens, training=True)
+        if on_micro:
+            on_micro(batch, terms)
+    return StepLosses(loss=loss_sum / accum, repa=None if repa_sum is None else repa_sum / accum, finite=finite,
+                      images=images, tokens=tokens, flops=flops)
+
+
+def read_step(losses: StepLosses, ddp: Distributed) -> tuple[bool, float, float | None]:
+    """(every rank's step was finite, this rank's loss, its REPA term) in one host sync per step.
+
+    Under DDP the finiteness is agreed by a one-element all-reduce, so that all ranks stop together
+    rather than the healthy ones waiting in the next gradient all-reduce until the NCCL timeout."""
+    flag = (~losses.finite).to(torch.float32).reshape(1)
+    if ddp.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    repa = losses.repa if losses.repa is not None else torch.zeros((), device=flag.device)
+    nonfinite, loss, repa_value = torch.cat([flag, losses.loss.reshape(1).float(), repa.reshape(1).float()]).tolist()
+    return nonfinite == 0, loss, (repa_value if losses.repa is not None else None)
+
+
 # -- the loop -----------------------------------------------------------------------------------
 
 def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | None = None,
@@ -298,7 +381,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     out = Path(config.out)
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast = autocast_for(config.precision, device)
     if config.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -355,13 +438,14 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     if ddp.main:
         (out / "config.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
 
+    # the attention backend is fixed here, from device and compute dtype, before anything is compiled
+    model.use_attention(device, compute_dtype_of(autocast), training=True, compiled=config.compile)
+    if config.compile:
+        model.compile_blocks(backend=config.compile_backend)
     net = model
     if ddp.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    if config.compile:
-        net = torch.compile(net)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext)
     log = MetricsLog(out, config.tensorboard) if ddp.main else None
     peak = peak_flops(device)
     summary = TrainSummary(steps=0, final_step=step)
@@ -371,30 +455,27 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     model.train()
 
     while step < config.steps:
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            batch = next(batches).to(device, non_blocking=True)
-            batch.labels = torch.where(batch.labels < 0, model.null_class, batch.labels)
-            sync = micro == config.grad_accum - 1 or ddp.world_size == 1
-            with (nullcontext() if sync else net.no_sync()), autocast():
-                targets = repa_targets(encoder, batch.images, batch.sizes, device) if encoder else None
-                terms = loss_fn(net, batch, generator, repa_targets=targets)
-            loss = terms.loss.float()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"step {step + 1} (rank {ddp.rank}, packs epoch {loader.epoch} step {loader.step}): the loss is "
-                    f"{loss.item()}; stopped without saving. The last good checkpoint is "
-                    f"{_latest_or_none(out)}. Lower lr (now {config.lr}), check the catalogs with "
-                    "`nr catalog validate`, then `nr train ... --resume`")
-            (loss / config.grad_accum).backward()
-            step_loss += loss.item() / config.grad_accum
-            if terms.repa is not None:
-                window["repa"] += terms.repa.item() / config.grad_accum
-            window["images"] += batch.num_images
-            window["tokens"] += batch.num_tokens
-            window["flops"] += model_flops(model.config, batch.seqlens(), training=True)
-            if on_step:
-                on_step(step, batch, terms)
+        micro_batches = [next(batches).to(device, non_blocking=True) for _ in range(config.grad_accum)]
+        hook = (lambda batch, terms, at=step: on_step(at, batch, terms)) if on_step else None
+        losses = train_step(net, micro_batches, loss_fn, generator, autocast=autocast, encoder=encoder,
+                            on_micro=hook)
+        finite, step_loss, step_repa = read_step(losses, ddp)
+        if not finite:
+            if log is not None:
+                log.close()
+            if ddp.owns_group:
+                dist.destroy_process_group()
+            where = "on this rank" if not math.isfinite(step_loss) else "on another rank"
+            raise NonFiniteLossError(
+                f"step {step + 1} (rank {ddp.rank}, packs epoch {loader.epoch} step {loader.step}): the loss is "
+                f"{step_loss if where == 'on this rank' else 'nan or inf'} {where}; every rank stopped without "
+                f"saving. The last good checkpoint is {_latest_or_none(out)}. Lower lr (now {config.lr}), check "
+                "the catalogs with `nr catalog validate`, then `nr train ... --resume`")
+        if step_repa is not None:
+            window["repa"] += step_repa
+        window["images"] += losses.images
+        window["tokens"] += losses.tokens
+        window["flops"] += losses.flops
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()

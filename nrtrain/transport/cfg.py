@@ -23,7 +23,8 @@ def double_for_cfg(batch: PackedBatch, null_class: int) -> PackedBatch:
                        cu_seqlens=torch.cat([batch.cu_seqlens, batch.cu_seqlens[1:] + num_tokens]),
                        max_seqlen=batch.max_seqlen, positions=torch.cat([batch.positions, batch.positions]),
                        image_ids=torch.cat([batch.image_ids, batch.image_ids + num_images]),
-                       labels=labels, row_ids=row_ids)
+                       labels=labels, row_ids=row_ids,
+                       host_seqlens=None if batch.host_seqlens is None else batch.host_seqlens * 2)
 
 
 class GuidedField:
@@ -71,5 +72,7 @@ class GuidedField:
         return unconditional + self.cfg_scale * (conditional - unconditional)
 
     def _velocity(self, x_in: torch.Tensor, t: float, geometry: PackedBatch) -> torch.Tensor:
-        times = torch.full((geometry.num_images,), t, dtype=self.model_dtype, device=x_in.device)
+        # t stays float32 whatever the model's dtype: in bf16, t near 1 would round to steps of 1/256,
+        # about the spacing of a 250-step grid, and neighbouring steps would get the same embedding
+        times = torch.full((geometry.num_images,), t, dtype=torch.float32, device=x_in.device)
         return self.model(x_in, times, geometry.labels, geometry.with_tokens(x_in))
