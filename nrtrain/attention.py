@@ -191,8 +191,16 @@ def sdpa_over_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_ma
 
 def flex_over_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
     as_batch = lambda x: x.transpose(0, 1)[None]  # noqa: E731
-    out = flex_kernel(q.device.type)(as_batch(q), as_batch(k), as_batch(v), block_mask=block_mask)
+    # inside a compiled block dynamo lowers flex_attention itself; a nested compiled callable would break the graph
+    kernel = flex_attention_op() if torch.compiler.is_compiling() else flex_kernel(q.device.type)
+    out = kernel(as_batch(q), as_batch(k), as_batch(v), block_mask=block_mask)
     return out[0].transpose(0, 1)
+
+
+def flex_attention_op():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 @functools.lru_cache(maxsize=None)

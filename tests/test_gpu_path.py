@@ -106,6 +106,19 @@ def test_sampling_in_bfloat16_hands_the_model_float32_times():
     assert values[0] == pytest.approx(t, abs=1e-7) and torch.tensor(t, dtype=torch.bfloat16).item() == 1.0
 
 
+def test_host_side_lengths_travel_with_the_batch_so_nothing_reads_sizes_back():
+    batch = packed_from_tokens([torch.randn(6, 4), torch.randn(4, 4), torch.randn(9, 4)], [(2, 3), (2, 2), (3, 3)],
+                               [0, 1, 2])
+    # on the meta device nothing can be read back: a sync would raise here as it would stall a GPU
+    moved = batch.to("meta")
+    assert moved.sizes.device.type == "meta" and moved.seqlens() == [6, 4, 9]
+    from nrtrain.transport.cfg import double_for_cfg
+
+    assert double_for_cfg(moved, null_class=3).seqlens() == [6, 4, 9, 6, 4, 9]
+    prepared = prepare_attention(moved, "sdpa-loop")
+    assert prepared.runs == ((0, 1, 6), (6, 1, 4), (10, 1, 9))
+
+
 # -- the attention backend: one decision from device, dtype and compile ---------------------------
 
 BF16, FP32, FP16 = torch.bfloat16, torch.float32, torch.float16
