@@ -54,6 +54,7 @@ def catalog_manifest(encoder: Encoder, policies: Iterable[ResolutionPolicy], *, 
                      source_root: str = "", notes: dict | None = None) -> Manifest:
     return Manifest(
         encoder=encoder.info,
+        encoder_weights=getattr(encoder, "weights_id", ""),
         dtype=encoder.dtype,
         policies=tuple({**p.to_dict(), "variant": p.variant} for p in policies),
         flip="store" if flip else "none",

@@ -9,6 +9,7 @@ committed, so a re-run completes the catalog with each key exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -116,12 +117,28 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _with_provenance(grown: Manifest, existing: Manifest, run: Manifest) -> Manifest:
+    """`grown` with a note of a run that added variants or read its weights or images from elsewhere
+    than the manifest records (the catalog keeps its first encoder source; the weights are the same)."""
+    entry = {"variants_added": [v for v in grown.variants if v not in existing.variants],
+             "encoder_source": run.encoder.source, "encoder_revision": run.encoder.revision,
+             "source_root": run.source_root}
+    history = list(existing.notes.get("grown", []))
+    places = {(existing.encoder.source, existing.encoder.revision, existing.source_root)}
+    places.update((h.get("encoder_source"), h.get("encoder_revision"), h.get("source_root")) for h in history)
+    if not entry["variants_added"] and (run.encoder.source, run.encoder.revision, run.source_root) in places:
+        return grown
+    history.append({**entry, "time": _now(), "code_version": run.code_version})
+    return dataclasses.replace(grown, notes={**grown.notes, "grown": history})
+
+
 class CatalogWriter:
     """Append latents to a catalog, creating it if needed.
 
     Use as a context manager; `close()` commits what is buffered and writes the final statistics
-    into the manifest. Opening an existing catalog whose fingerprint differs from `manifest` is
-    refused, so one catalog never mixes encoders, dtypes or policies.
+    into the manifest. An existing catalog grows: `manifest` may add variants, and may read the
+    same weights from elsewhere; one whose latents would differ (encoder weights, dtype, flip mode,
+    an existing variant's policy) is refused, so one catalog never mixes latents made differently.
     """
 
     def __init__(
@@ -178,19 +195,31 @@ class CatalogWriter:
         return fh
 
     def _open_manifest(self, manifest: Manifest) -> Manifest:
+        """The manifest this writer appends under: `manifest` for a new catalog, else the existing
+        one grown by what `manifest` adds (ManifestError when its latents would differ)."""
+        self._on_disk = None
         if not (self.root / MANIFEST_NAME).exists():
             write_manifest(self.root, manifest)
             return manifest
         existing = read_manifest(self.root)
-        if not existing.compatible_with(manifest):
-            mine, theirs = manifest.identity(), existing.identity()
-            differing = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise ManifestError(
-                f"{self.root} holds latents made differently (fingerprint {existing.fingerprint}, "
-                f"asked {manifest.fingerprint}; differing: {', '.join(differing)}); "
-                "write to a new output folder or delete the old catalog"
-            )
-        return existing
+        try:
+            grown = existing.extended_with(manifest)
+        except ManifestError as exc:
+            raise ManifestError(f"{self.root}: {exc}") from None
+        grown = _with_provenance(grown, existing, manifest)
+        if grown.variants != existing.variants:
+            # rows of a new variant must never exist before the manifest that describes them
+            write_manifest(self.root, grown)
+        elif grown.to_dict() != existing.to_dict():
+            # a recorded weights hash or provenance only: written with the first rows this writer
+            # commits, so that a run that adds nothing leaves the catalog (and packs built on it) as is
+            self._on_disk = existing
+        return grown
+
+    def _write_deferred_manifest(self) -> None:
+        if self._on_disk is not None:
+            write_manifest(self.root, self.manifest)
+            self._on_disk = None
 
     def _clean_leftovers(self) -> None:
         """Remove what a killed writer left: temporary files and shards nobody indexed."""
@@ -349,6 +378,7 @@ class CatalogWriter:
             "rows": len(rows), "stats": stats.to_dict(), "writer": self._id, "time": _now(),
         }
         index = index.replace_schema_metadata({layout.PART_META_KEY: json.dumps(part_meta).encode()})
+        self._write_deferred_manifest()
         # Publishing the index part is the moment the rows come into existence.
         self._write_parquet(self.root / layout.INDEX_DIR / layout.part_name(seq, self._id, layout.PART_SUFFIX),
                             index)
@@ -381,10 +411,11 @@ class CatalogWriter:
         stats = merged_channel_stats(self.root, self.manifest.encoder.channels)
         if stats.count == 0:
             return
-        self.manifest = self.manifest.with_normalization(
-            Normalization(mean=tuple(stats.mean.tolist()), std=tuple(stats.std.tolist()), count=stats.count)
-        )
-        write_manifest(self.root, self.manifest)
+        normalization = Normalization(mean=tuple(stats.mean.tolist()), std=tuple(stats.std.tolist()),
+                                      count=stats.count)
+        self.manifest = self.manifest.with_normalization(normalization)
+        # nothing committed: the statistics go into the manifest as it is on disk (see _open_manifest)
+        write_manifest(self.root, (self._on_disk or self.manifest).with_normalization(normalization))
 
     def __enter__(self) -> CatalogWriter:
         return self

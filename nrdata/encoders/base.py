@@ -18,6 +18,7 @@ class Encoder(Protocol):
 
     info: EncoderInfo
     dtype: str  # the catalog dtype its latents are stored in
+    weights_id: str  # content hash of its weights and architecture ("" when weight-free): its identity
 
     def encode(self, images: np.ndarray) -> np.ndarray: ...
 

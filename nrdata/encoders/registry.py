@@ -9,7 +9,7 @@ from typing import Any
 from nrdata.catalog.manifest import EncoderInfo
 from nrdata.encoders.base import Encoder
 from nrdata.encoders.pixel import PixelEncoder
-from nrdata.encoders.vae import VAEEncoder, compute_dtype_for, load_diffusers_model
+from nrdata.encoders.vae import VAEEncoder, load_diffusers_model, weights_identity
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,13 @@ def load_encoder(name: str, source: str | None = None, *, device: Any = "cpu", d
     if factor not in (None, spec.factor):
         raise ValueError(f"{name} has factor {spec.factor}, not {factor}")
     source = source or spec.default_source
-    load_dtype = compute_dtype_for(device, compute_dtype, spec.cuda_compute_dtype)
+    # loaded as stored, not in the compute dtype: the weights hash is taken before VAEEncoder casts
     if spec.model == "va-vae":
         from nrdata.encoders.vavae import load_vavae_model
 
-        model, recorded, commit = load_vavae_model(source, revision=revision, torch_dtype=load_dtype)
+        model, recorded, commit = load_vavae_model(source, revision=revision)
     else:
-        model, recorded, commit = load_diffusers_model(spec.model, source, revision=revision, torch_dtype=load_dtype)
+        model, recorded, commit = load_diffusers_model(spec.model, source, revision=revision)
     found = _geometry(spec, model)
     if found != (spec.factor, spec.channels):
         raise ValueError(f"{recorded}: holds an f{found[0]} c{found[1]} autoencoder, but {name} is "
@@ -89,4 +89,4 @@ def load_encoder(name: str, source: str | None = None, *, device: Any = "cpu", d
                        quantity=spec.quantity,
                        scaling_factor=float(model.config["scaling_factor"]) if spec.records_scaling else None)
     return VAEEncoder(model, info, dtype=dtype or "bfloat16", device=device, compute_dtype=compute_dtype,
-                      cuda_compute_dtype=spec.cuda_compute_dtype)
+                      cuda_compute_dtype=spec.cuda_compute_dtype, weights_id=weights_identity(model))

@@ -11,6 +11,7 @@ light and work without either.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,50 @@ def weights_digest(paths: list[Path]) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def architecture_config(model: Any) -> dict[str, Any]:
+    """The model's class and the config values that differ from its class defaults.
+
+    Values equal to a default are left out, so that a diffusers release adding a config key (with
+    the old behaviour as its default) does not change what the weights are; keys starting with
+    "_" (diffusers version, name_or_path) say where and how the config was saved, not the network.
+    """
+    import inspect
+
+    def plain(value: Any) -> Any:  # tuples in code, lists in config.json
+        return json.loads(json.dumps(value, default=str))
+
+    params = inspect.signature(type(model).__init__).parameters
+    config = {"class": type(model).__name__}
+    for key, value in sorted(dict(model.config).items()):
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if key.startswith("_") or (default is not inspect.Parameter.empty and plain(default) == plain(value)):
+            continue
+        config[key] = plain(value)
+    return config
+
+
+def weights_identity(model: Any) -> str:
+    """A content hash of a network's weights and architecture config: the encoder's identity in a
+    manifest.
+
+    It does not depend on where the weights were read from (hub, local copy, another hub revision
+    of the same tensors, an LDM checkpoint or the diffusers folder converted from it), on the file
+    format or the order of tensors in it: every tensor is hashed by name, shape and value, floating
+    point ones as float32 (float16/bfloat16 widen exactly), in name order. Call it before casting
+    the network to a lower compute dtype, which would change the values.
+    """
+    import torch
+
+    digest = hashlib.sha256(json.dumps(architecture_config(model), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        digest.update(f"{name}:{str(tensor.dtype).removeprefix('torch.')}:{list(tensor.shape)}\n".encode())
+        digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 def folder_weight_files(folder: Path) -> list[Path]:
     files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern) if p.is_file()})
     if not (folder / "config.json").is_file():
@@ -116,11 +161,13 @@ class VAEEncoder:
 
     `dtype` is the storage dtype of the returned latents; `compute_dtype` the dtype the network runs
     in (by default float32 on CPU and `cuda_compute_dtype` on CUDA). bfloat16 latents come back as
-    numpy uint16 arrays holding the raw bf16 words, the form the catalog stores.
+    numpy uint16 arrays holding the raw bf16 words, the form the catalog stores. `weights_id` is
+    `weights_identity` of the network as loaded, taken here unless given (it must be taken before
+    the network is cast to its compute dtype).
     """
 
     def __init__(self, model: Any, info: EncoderInfo, *, dtype: str = "bfloat16", device: Any = "cpu",
-                 compute_dtype: Any = None, cuda_compute_dtype: str = "float32") -> None:
+                 compute_dtype: Any = None, cuda_compute_dtype: str = "float32", weights_id: str | None = None) -> None:
         if info.quantity not in ("mode", "moments"):
             raise ValueError(f"{info.name}: stored quantity {info.quantity!r} is not supported (mode or moments)")
         if dtype not in STORAGE_DTYPES:
@@ -128,6 +175,7 @@ class VAEEncoder:
         self.model = model
         self.info = info
         self.dtype = dtype
+        self.weights_id = weights_id or weights_identity(model)
         self._requested_compute = compute_dtype
         self._cuda_compute_dtype = cuda_compute_dtype
         self.to(device)
