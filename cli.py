@@ -397,6 +397,15 @@ def train(
     except NonFiniteLossError as exc:
         err_console.print(f"[red]stopped:[/red] {exc}")
         raise typer.Exit(1) from None
+    except RuntimeError as exc:  # a Ray Train run that failed otherwise: one line, not Ray's traceback
+        from rich.markup import escape
+
+        from nrtrain.ray_train import RayTrainFailedError
+
+        if not isinstance(exc, RayTrainFailedError):
+            raise
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
     if summary.checkpoint:
         console.print(f"{summary.steps} steps in {summary.seconds:.0f} s; checkpoint {summary.checkpoint}")
 
