@@ -14,6 +14,12 @@ Encoder: a DC-AE f32c32 with the real block layout at reduced widths (8..32, as 
 can be downloaded here), in fp32 on CPU; on a GPU machine pass `--real-dcae` for the full-size
 architecture (bf16 pipeline against the fp32 batch-1 loop).
 
+`measure_encoder(...)` measures the encoder stage alone, without Ray (bench/gpu_check.py calls it on
+machines without Ray): the same decoded and resized images (`nrdata.encoding.prepare_item`, not
+timed) encoded with their mirrors by nr's path (`load_encoder` + `encode_prepared`: same-shape
+batches under a pixel budget, bf16 on CUDA, latents back on the host as the catalog stores them)
+against NiT's loop (the diffusers model in fp32, image and mirror each encoded alone, batch 1).
+
 Usage: .venv/bin/python bench/encode_throughput.py [--images 150] [--real-dcae]
 """
 
@@ -26,6 +32,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -96,6 +103,86 @@ def nit_loop(items, encoder_dir: Path, policy) -> tuple[float, int]:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, done
+
+
+def nit_encoder_loop(model, pixels: list[np.ndarray], device: torch.device) -> float:
+    """NiT's encoder loop on prepared images: each image and its mirror encoded alone in fp32; seconds."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    kept = []
+    with torch.inference_mode():
+        for image in pixels:
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
+            z = model.encode(x).latent
+            z_flip = model.encode(x.flip(-1)).latent
+            kept.append(torch.stack([z, z_flip], 1).cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_encoder(device: torch.device, encoder_dir: Path, image_root: Path, *, variants: tuple[str, ...] = ("256",
+                    "native"), batch_pixels: int = 32 * 512 * 512, deadline: float | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Images/s of nr's batched encoder path against NiT's batch-1 fp32 loop, per variant; a dict.
+
+    `encoder_dir` is a diffusers AutoencoderDC folder (f32c32), `image_root` an ImageNet-style folder.
+    Both sides encode every image and its mirror, from the same prepared pixels, after one untimed
+    image each. `deadline` (time.monotonic()) skips the variants that would start after it.
+    """
+    import diffusers
+
+    from nrdata.encoders import load_encoder
+    from nrdata.encoding import encode_prepared, prepare_item
+    from nrdata.policies import parse_policy
+    from nrdata.sources import list_image_folder
+
+    items = list_image_folder(image_root)
+    nr_encoder = load_encoder("dc-ae-f32c32", str(encoder_dir), device=device, dtype="bfloat16")
+    nit_model = diffusers.AutoencoderDC.from_pretrained(encoder_dir, torch_dtype=torch.float32).eval().to(device)
+    compute = str(nr_encoder.compute_dtype).removeprefix("torch.")
+    result = {"encoder": "dc-ae-f32c32", "source": str(encoder_dir),
+              "parameters": sum(p.numel() for p in nit_model.parameters()), "images": len(items),
+              "nr": f"nrdata.encoders.load_encoder + nrdata.encoding.encode_prepared, compute {compute}, storage "
+                    f"bfloat16, batches under {batch_pixels:,} pixels (mirrors included)",
+              "baseline": "NiT's loop: AutoencoderDC in float32, image and mirror encoded one at a time (batch 1)",
+              "variants": [], "skipped": []}
+    log(f"encoder: DC-AE f32c32 architecture, {result['parameters'] / 1e6:.1f}M parameters, random weights; "
+        f"{len(items)} images with their mirrors; nr: {result['nr']}; baseline: {result['baseline']}")
+    last_seconds = 0.0
+    for variant in variants:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left < last_seconds:
+            result["skipped"].append(f"variant {variant}: {left:.0f} s of the budget left, the last took "
+                                     f"{last_seconds:.0f} s")
+            continue
+        started = time.monotonic()
+        policy = parse_policy(variant, unit=32)
+        prepared = [image for item in items for image in prepare_item(item, [policy]).images]
+        pixels = [image.pixels for image in prepared]
+        encode_prepared(nr_encoder, prepared[:1], flip=True, batch_pixels=batch_pixels)  # warm-up, untimed
+        nit_encoder_loop(nit_model, pixels[:1], device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        rows, errors = encode_prepared(nr_encoder, prepared, flip=True, batch_pixels=batch_pixels)
+        nr_seconds = time.perf_counter() - start  # latents come back to the host: no sync needed
+        if errors:
+            raise RuntimeError(f"nr's encoder path failed on {len(errors)} image(s): {errors[0]}")
+        nit_seconds = nit_encoder_loop(nit_model, pixels, device)
+        shapes = sorted({p.shape[:2] for p in pixels})
+        entry = {"variant": variant, "images": len(pixels), "shapes": len(shapes),
+                 "pixels_per_image": sum(p.shape[0] * p.shape[1] for p in pixels) / len(pixels),
+                 "nr_seconds": nr_seconds, "nr_images_s": len(rows) / nr_seconds,
+                 "nit_seconds": nit_seconds, "nit_images_s": len(pixels) / nit_seconds}
+        entry["ratio"] = entry["nr_images_s"] / entry["nit_images_s"]
+        result["variants"].append(entry)
+        log(f"{variant:>7}: {len(pixels)} images in {len(shapes)} shape(s); nr {entry['nr_images_s']:.1f} img/s "
+            f"({compute}, batched), NiT loop {entry['nit_images_s']:.1f} img/s (float32, batch 1): "
+            f"{entry['ratio']:.1f}x")
+        last_seconds = time.monotonic() - started
+    return result
 
 
 def decode_stage_loop(items, policy) -> float:

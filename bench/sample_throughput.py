@@ -25,6 +25,9 @@ gives steadier figures.
   TFLOP/s = model FLOPs of the call (nrtrain.flops.model_flops per forward, useful FLOPs) / seconds
   MFU     = TFLOP/s / nrtrain.train.peak_flops(device) (dense bf16 peak; CUDA only)
 
+`measure_sampling(...)` does this and returns a dict (bench/gpu_check.py calls it); the command line
+prints it as a table.
+
 Usage:
     .venv/bin/python bench/sample_throughput.py          # CPU: preset demo, 20 steps, batch 4
     python bench/sample_throughput.py                     # CUDA: preset XL, 50 steps, batch 128, bf16
@@ -38,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -88,9 +92,9 @@ def run(model: NiT, noise: PackedBatch, steps: int, cfg_scale: float, interval: 
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     if not torch.isfinite(result.tokens).all():
-        raise SystemExit(f"non-finite samples with cfg interval {interval}")
+        raise FloatingPointError(f"non-finite samples with cfg interval {interval}")
     if (counter.forwards, counter.doubled) != (result.nfe, result.guided_nfe):
-        raise SystemExit(f"counted {counter.forwards} forwards ({counter.doubled} doubled) but sample reports "
+        raise AssertionError(f"counted {counter.forwards} forwards ({counter.doubled} doubled) but sample reports "
                          f"nfe {result.nfe}, guided {result.guided_nfe}")
     seqlens = noise.seqlens()
     flops = ((counter.forwards - counter.doubled) * model_flops(model.config, seqlens)
@@ -153,73 +157,116 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     if args.interval == EVERY_STEP:
         parser.error("--interval 0,1 is the baseline itself; give a narrower interval, e.g. 0,0.7")
     try:
-        args.attention = resolve_backend(args.attention, device.type)
+        resolve_backend(args.attention, device.type, torch.bfloat16 if cuda else torch.float32)
     except ValueError as error:
         parser.error(f"--attention: {error}")
-    if args.attention in ("flash-varlen", "torch-varlen") and not cuda:
-        parser.error(f"--attention {args.attention} runs on CUDA only")
     return args, device
+
+
+def measure_sampling(device: torch.device, *, preset: str = "XL", sizes: list[int] = (256, 512), batch: int = 128,
+                     steps: int = 50, cfg_scale: float = 4.0, interval: tuple[float, float] = (0.0, 0.7),
+                     repeats: int = 3, attention: str = "auto", model_dtype: torch.dtype | None = None, seed: int = 0,
+                     deadline: float | None = None, log: Callable[[str], None] = print) -> dict:
+    """CFG on `interval` against CFG on every step, per size; returns a dict of every figure.
+
+    `deadline` (time.monotonic()) skips the sizes that would start after it, listed under "skipped".
+    Raises AssertionError when the interval run does not do fewer doubled passes.
+    """
+    cuda = device.type == "cuda"
+    model_dtype = model_dtype or (torch.bfloat16 if cuda else torch.float32)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = build_model(preset, in_channels=CHANNELS, patch_size=PATCH, attention=attention)
+    randomize_zero_layers(model, seed)
+    model = model.to(model_dtype).eval()
+    backend = model.use_attention(device, model_dtype, training=False)  # as nr sample fixes it
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(device)
+    dtype_name = str(model_dtype).removeprefix("torch.")
+    result = {"preset": preset, "parameters": params, "model_dtype": dtype_name, "attention": backend,
+              "solver": "euler", "steps": steps, "cfg_scale": cfg_scale, "interval": list(interval),
+              "baseline_interval": list(EVERY_STEP), "batch": batch, "repeats": repeats, "peak_flops": peak,
+              "decode_included": False, "sizes": [], "skipped": []}
+    log(f"model: NiT preset {preset} (depth {config.depth}, hidden {config.hidden}, heads {config.heads}, "
+        f"{params / 1e6:.1f}M parameters), random weights, {dtype_name}, attention {backend}; Euler ODE {steps} "
+        f"steps, CFG scale {cfg_scale:g}, state in float64, batch {batch} images, {repeats} timed call(s) per "
+        "setting (median), decode not included")
+    last_seconds = 0.0
+    for size in sizes:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left < last_seconds:
+            result["skipped"].append(f"{size} px: {left:.0f} s of the budget left, the last size took "
+                                     f"{last_seconds:.0f} s")
+            continue
+        started = time.monotonic()
+        side = size // FACTOR // PATCH
+        labels = torch.randint(0, config.num_classes, (batch,), generator=torch.Generator().manual_seed(size))
+        noise = noise_pack([(side, side)] * batch, config.token_dim, range(batch), labels).to(device)
+        run(model, noise, min(steps, 3), cfg_scale, EVERY_STEP, device)  # warm-up, untimed
+        settings = {"every": EVERY_STEP, "interval": interval}
+        measured = {name: [] for name in settings}
+        for repeat in range(repeats):
+            order = list(settings) if repeat % 2 == 0 else list(reversed(settings))
+            for name in order:
+                measured[name].append(run(model, noise, steps, cfg_scale, settings[name], device))
+        entry = {"size": size, "tokens": [side, side], "settings": {}}
+        for name in settings:
+            first = measured[name][0]
+            seconds = statistics.median(r["seconds"] for r in measured[name])
+            flops_s = first["flops"] / seconds
+            entry["settings"][name] = {
+                "cfg_interval": list(settings[name]), "nfe": first["nfe"], "guided_nfe": first["guided"],
+                "forwards": first["forwards"], "doubled": first["doubled"],
+                "pack_sized": first["nfe"] + first["guided"], "tokens_per_call": first["tokens"] / first["forwards"],
+                "seconds": seconds, "images_s": batch / seconds, "tflops": flops_s / 1e12,
+                "mfu": flops_s / peak if peak else None}
+        every, inside = entry["settings"]["every"], entry["settings"]["interval"]
+        if inside["doubled"] >= every["doubled"]:
+            raise AssertionError(f"the interval run did not do fewer doubled passes ({inside['doubled']} vs "
+                                 f"{every['doubled']})")
+        entry["ratio"] = inside["images_s"] / every["images_s"]
+        entry["ideal_ratio"] = every["pack_sized"] / inside["pack_sized"]
+        result["sizes"].append(entry)
+        last_seconds = time.monotonic() - started
+    return result
+
+
+def print_table(result: dict, log: Callable[[str], None] = print) -> None:
+    peak = result["peak_flops"]
+    log("forwards = model calls (doubled = on the CFG-doubled pack); pack-sized = NFE + guided NFE; "
+        "TFLOP/s = model_flops of every forward / seconds"
+        + (f"; MFU = TFLOP/s / peak {peak / 1e12:.0f} TFLOP/s" if peak else "; MFU: no peak known for this device"))
+    log(f"{'size':>5}{'tokens':>8}{'cfg on t in':>13}{'NFE':>5}{'doubled':>9}{'pack-sized':>12}"
+        f"{'tokens/call':>13}{'s/call':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'vs every step':>15}")
+    for entry in result["sizes"]:
+        every = entry["settings"]["every"]
+        for name, s in entry["settings"].items():
+            mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "-"
+            span = f"[{s['cfg_interval'][0]:g}, {s['cfg_interval'][1]:g}]"
+            tokens = f"{entry['tokens'][0]}x{entry['tokens'][1]}"
+            log(f"{entry['size']:>5}{tokens:>8}{span:>13}{s['nfe']:>5}{s['doubled']:>9}{s['pack_sized']:>12}"
+                f"{s['tokens_per_call']:>13,.0f}{s['seconds']:>9.3f}{s['images_s']:>9.2f}{s['tflops']:>9.3f}{mfu:>7}"
+                f"{s['images_s'] / every['images_s']:>14.2f}x")
+    low, high = result["interval"]
+    for entry in result["sizes"]:
+        log(f"{entry['size']} px: CFG on [{low:g}, {high:g}] runs {entry['ratio']:.2f}x the images/s of CFG on every "
+            f"step; the pack-sized forward count allows {entry['ideal_ratio']:.2f}x")
+    for note in result["skipped"]:
+        log(f"skipped: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args, device = parse_args(argv)
-    cuda = device.type == "cuda"
-    model_dtype = torch.bfloat16 if cuda else torch.float32
     print_header("NiT sampling throughput: CFG on an interval against CFG on every step", device)
-
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = build_model(args.preset, in_channels=CHANNELS, patch_size=PATCH, attention=args.attention)
-    randomize_zero_layers(model, args.seed)
-    model = model.to(model_dtype).eval()
-    config = model.config
-    params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops(device)
-    low, high = args.interval
-    print(f"model: NiT preset {args.preset} (depth {config.depth}, hidden {config.hidden}, heads {config.heads}, "
-          f"{params / 1e6:.1f}M parameters), random weights, {str(model_dtype).removeprefix('torch.')}, attention "
-          f"{args.attention}; Euler ODE {args.steps} steps, CFG scale {args.cfg_scale:g}, state in float64, "
-          f"batch {args.batch} images, {args.repeats} timed call(s) per setting (median), decode not included")
-    print("forwards = model calls (doubled = on the CFG-doubled pack); pack-sized = NFE + guided NFE; "
-          "TFLOP/s = model_flops of every forward / seconds"
-          + (f"; MFU = TFLOP/s / peak {peak / 1e12:.0f} TFLOP/s" if peak else "; MFU: no peak known for this device"))
-    header = (f"{'size':>5}{'tokens':>8}{'cfg on t in':>13}{'NFE':>5}{'doubled':>9}{'pack-sized':>12}"
-              f"{'tokens/call':>13}{'s/call':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'vs every step':>15}")
-    print(header)
-    summaries = []
-    for size in args.sizes:
-        side = size // FACTOR // PATCH
-        labels = torch.randint(0, config.num_classes, (args.batch,), generator=torch.Generator().manual_seed(size))
-        noise = noise_pack([(side, side)] * args.batch, config.token_dim, range(args.batch), labels).to(device)
-        run(model, noise, min(args.steps, 3), args.cfg_scale, EVERY_STEP, device)  # warm-up, untimed
-        settings = {"every": EVERY_STEP, "interval": args.interval}
-        measured = {name: [] for name in settings}
-        for repeat in range(args.repeats):
-            order = list(settings) if repeat % 2 == 0 else list(reversed(settings))
-            for name in order:
-                measured[name].append(run(model, noise, args.steps, args.cfg_scale, settings[name], device))
-        rates = {}
-        for name in settings:
-            first = measured[name][0]
-            seconds = statistics.median(r["seconds"] for r in measured[name])
-            rates[name] = args.batch / seconds
-            flops_s = first["flops"] / seconds
-            mfu = f"{flops_s / peak:.1%}" if peak else "-"
-            ratio = f"{rates[name] / rates['every']:.2f}x"
-            span = f"[{settings[name][0]:g}, {settings[name][1]:g}]"
-            print(f"{size:>5}{f'{side}x{side}':>8}{span:>13}{first['nfe']:>5}{first['doubled']:>9}"
-                  f"{first['nfe'] + first['guided']:>12}{first['tokens'] / first['forwards']:>13,.0f}{seconds:>9.3f}"
-                  f"{rates[name]:>9.2f}{flops_s / 1e12:>9.3f}{mfu:>7}{ratio:>15}", flush=True)
-        every, interval = measured["every"][0], measured["interval"][0]
-        if interval["doubled"] >= every["doubled"]:
-            print(f"the interval run did not do fewer doubled passes ({interval['doubled']} vs {every['doubled']})",
-                  file=sys.stderr)
-            return 1
-        summaries.append((size, (every["nfe"] + every["guided"]) / (interval["nfe"] + interval["guided"]),
-                          rates["interval"] / rates["every"]))
-    for size, ideal, measured_ratio in summaries:
-        print(f"{size} px: CFG on [{low:g}, {high:g}] runs {measured_ratio:.2f}x the images/s of CFG on every step; "
-              f"the pack-sized forward count allows {ideal:.2f}x")
+    try:
+        result = measure_sampling(device, preset=args.preset, sizes=args.sizes, batch=args.batch, steps=args.steps,
+                                  cfg_scale=args.cfg_scale, interval=args.interval, repeats=args.repeats,
+                                  attention=args.attention, seed=args.seed, log=lambda text: print(text, flush=True))
+    except AssertionError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print_table(result)
     print(f"load average (1, 5, 15 min) after: {load_average()}; above {os.cpu_count()} means other work "
           "competed for the cores")
     return 0
