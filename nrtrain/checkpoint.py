@@ -148,7 +148,10 @@ def _point_latest(root: Path, name: str) -> None:
 def _discard(folder: Path) -> None:
     """Delete a folder so that a crash midway never leaves a partial folder under its own name."""
     doomed = folder.with_name(_hidden_name(DISCARD_PREFIX, folder.name))
-    folder.rename(doomed)
+    try:
+        folder.rename(doomed)
+    except FileNotFoundError:  # already gone: pruning never fails a run
+        return
     fsync_path(folder.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
