@@ -309,8 +309,11 @@ def pack(
     ranks: Annotated[int, typer.Option(help="Data-parallel ranks to balance packs over.")] = 1,
     drop_too_long: Annotated[bool, typer.Option(help="Drop rows longer than --max-tokens (counted) instead of "
                                                      "stopping with an error.")] = False,
-    nit_json: Annotated[Optional[Path], typer.Option(help="Also write epoch 0 as NiT sampler-meta JSON "
-                                                          "(a list of packs of merged row ids).")] = None,
+    nit_json: Annotated[Optional[Path], typer.Option(
+        help="Also write epoch 0 as NiT sampler-meta JSON: each pack a list of line numbers of the data-meta "
+             "JSONL that `nr export nit CATALOG` writes (with --variant V when one --variant is given; several "
+             "catalogs: their JSONLs concatenated in the order given). Pack only native and center-crop "
+             "variants.", show_default=False)] = None,
 ) -> None:
     """Pack catalog rows into sequences of at most L tokens (numba LPFHP), afresh for every epoch.
 
@@ -325,6 +328,10 @@ def pack(
         result = pack_catalogs(catalogs, max_tokens=max_tokens, algorithm=algorithm, patch_size=patch_size,
                                variants=variant, max_images=max_images, seed=seed, epochs=epochs,
                                world_size=ranks, on_too_long="drop" if drop_too_long else "error")
+        if nit_json:  # before anything is written: refused packs leave no files behind
+            from nrdata.interop.nit import pack_sampler_meta
+
+            nit_packs = pack_sampler_meta(result.packings[0], result.metadata)
     except ValueError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -337,7 +344,7 @@ def pack(
     console.print(f"{len(result.selection.lengths):,} rows from {len(catalogs)} catalog(s), {epochs} epoch(s) -> {out}")
     console.print(f"report: {out.with_suffix('.report.json')}, plot: {png}")
     if nit_json:
-        write_nit_sampler_meta(nit_json, result.packings[0])
+        write_nit_sampler_meta(nit_json, nit_packs)
         console.print(f"NiT sampler-meta (epoch 0): {nit_json}")
 
 
@@ -517,6 +524,10 @@ def export_catalog(
                                                    show_default=False)] = None,
     packs: Annotated[Optional[Path], typer.Option(help="nit only: also write NiT sampler-meta JSON from this "
                                                        "packs file.", show_default=False)] = None,
+    prefix: Annotated[Optional[str], typer.Option(help="nit only: name prefix of the data-meta JSONL, sampler meta "
+                                                       "and latent folders [default: the encoder source's name, "
+                                                       "e.g. dc-ae-f32c32-sana-1.1-diffusers].",
+                                                  show_default=False)] = None,
     draw: Annotated[Optional[str], typer.Option(help="fit, lightningdit, fastdit: from stored moments take a "
                                                      "'sample' or the 'mode' [default: sample].",
                                                 show_default=False)] = None,
@@ -541,9 +552,10 @@ def export_catalog(
         err_console.print(f"[red]error:[/red] unknown format {format!r}; choose one of {', '.join(EXPORTERS)}")
         raise typer.Exit(2)
     options = {"variant": variant}
-    allowed = {"packs": ("nit",), "draw": ("fit", "lightningdit", "fastdit"), "flips": ("fastdit",),
-               "shard_rows": ("lightningdit",)}
-    for name, value in (("packs", packs), ("draw", draw), ("flips", flips), ("shard_rows", shard_rows)):
+    allowed = {"packs": ("nit",), "prefix": ("nit",), "draw": ("fit", "lightningdit", "fastdit"),
+               "flips": ("fastdit",), "shard_rows": ("lightningdit",)}
+    for name, value in (("packs", packs), ("prefix", prefix), ("draw", draw), ("flips", flips),
+                        ("shard_rows", shard_rows)):
         if value is None:
             continue
         if format not in allowed[name]:
@@ -561,7 +573,8 @@ def export_catalog(
         try:
             summary = EXPORTERS[format](catalog, out, progress=lambda done, total: bar.update(task, completed=done,
                                                                                               total=total), **options)
-        except (UnsupportedCatalogError, ExportMismatchError, PacksMismatchError, ValueError) as exc:
+        except (UnsupportedCatalogError, ExportMismatchError, PacksMismatchError, ValueError,
+                FileNotFoundError) as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
     console.print(f"{summary.rows} rows: {summary.written} written, {summary.skipped} already there -> {summary.out_dir}")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from nrdata.catalog import CatalogWriter, LatentRow, stored_array
+from nrdata.catalog import CatalogWriter, LatentRow, Manifest, stored_array
 from nrdata.encoding import DEFAULT_BATCH_PIXELS, PreparedImage, catalog_manifest, encode_prepared, prepare_item
 from nrdata.images import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size
 from nrdata.policies import ResolutionPolicy, parse_policy
@@ -321,17 +321,23 @@ def _rebuild_row(record: dict[str, Any], dtype: np.dtype) -> LatentRow:
                      image_h=record["image_h"])
 
 
+def run_manifest(config: EncodeConfig, encoder) -> tuple[list[ResolutionPolicy], Manifest]:
+    """The policies a run encodes and the manifest it asks for (the writer grows an existing catalog
+    by it, or refuses it)."""
+    unit = encoder.info.factor * config.patch_size
+    policies = [parse_policy(spec, unit=unit) for spec in config.policies]
+    manifest = catalog_manifest(encoder, policies, flip=config.flip, source_root=str(Path(config.source).resolve()),
+                                notes={**config.notes, "made_by": "nr encode", "code_version": code_version()})
+    return policies, manifest
+
+
 def run_encode(config: EncodeConfig, *, on_progress: Callable[[EncodeProgress], None] | None = None) -> EncodeSummary:
     """Encode `config.source` into the catalog at `config.out`; re-running resumes where it stopped."""
     import ray
 
     items = spread_limit(list_source(config.source), config.limit)
     probe_encoder = load_encoder(config.encoder, "cpu")  # only for what the manifest records
-    unit = probe_encoder.info.factor * config.patch_size
-    policies = [parse_policy(spec, unit=unit) for spec in config.policies]
-    manifest = catalog_manifest(probe_encoder, policies, flip=config.flip,
-                                source_root=str(Path(config.source).resolve()),
-                                notes={**config.notes, "made_by": "nr encode", "code_version": code_version()})
+    policies, manifest = run_manifest(config, probe_encoder)
     dtype = np.dtype("uint16") if manifest.dtype == "bfloat16" else np.dtype(manifest.dtype)
     del probe_encoder
     progress = EncodeProgress()

@@ -35,9 +35,12 @@ class UnsupportedCatalogError(ValueError):
     """The catalog holds latents a format cannot express; the message says what to encode instead."""
 
 
-def encode_hint(encoder: str, variants: str) -> str:
+def encode_hint(encoder: str, variants: str, *, patch_size: int = 1) -> str:
+    """The `nr encode` command whose catalog the format accepts; `patch_size` the peer model's, which
+    sets the unit its sizes are multiples of (a hint that leaves it out makes a catalog refused again)."""
     flags = " ".join(f"--variant {v}" for v in variants.split(","))
-    return f"nr encode SOURCE CATALOG --encoder {encoder} {flags} --flip"
+    patch = f" --patch-size {patch_size}" if patch_size != 1 else ""
+    return f"nr encode SOURCE CATALOG --encoder {encoder} {flags} --flip{patch}"
 
 
 @dataclass(frozen=True)

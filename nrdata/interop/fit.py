@@ -65,7 +65,7 @@ def export_fit(catalog_path: str | Path, out_dir: str | Path, *, variant: str | 
     """
     rows = CatalogRows(catalog_path)
     manifest = rows.manifest
-    hint = encode_hint("sd-vae-ft-ema", "fit:256,256")
+    hint = encode_hint("sd-vae-ft-ema", "fit:256,256", patch_size=PATCH)
     require_encoder(manifest, FORMAT, ENCODERS, hint)
     require_flips(manifest, FORMAT, hint)
     scale = require_scaling_factor(manifest, FORMAT)

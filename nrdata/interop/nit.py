@@ -2,7 +2,8 @@
 
     OUT/
       data_meta/<prefix>_<part>_meta.jsonl           one line per exported row, in catalog row order
-      sampler_meta/<prefix>_<part>_<ALGO>_<L>.json   packs of JSONL line numbers (from an nr packs file)
+      sampler_meta/<prefix>_<part>_<ALGO>_<L>.json   packs of JSONL line numbers (from an nr packs file,
+                                                     or `nr pack --nit-json`: `pack_sampler_meta`)
       <prefix>-native-resolution/<wnid>/<stem>.safetensors
       <prefix>-256x256/<wnid>/<stem>.safetensors     one folder per variant
       nr_export.json
@@ -37,8 +38,8 @@ from nrdata.interop.catalog_rows import (
     require_scaling_factor,
 )
 from nrdata.interop.export_dir import ExportDir, ExportSummary
-from nrdata.packing import epoch_row_ids, nit_sampler_meta_name, packs_info, write_nit_sampler_meta
-from nrdata.packing.catalog_packs import open_packs
+from nrdata.packing import Packing, epoch_row_ids, nit_sampler_meta_name, packs_info, write_nit_sampler_meta
+from nrdata.packing.catalog_packs import locate, open_packs
 
 FORMAT = "nit"
 ENCODERS = ("dc-ae-f32c32",)
@@ -152,11 +153,54 @@ def _sampler_meta(packs: str | Path, rows: CatalogRows, variants: list[str]) -> 
     for epoch in sorted(pc.unique(table["epoch"]).to_pylist()):
         epoch_packs = epoch_row_ids(table, epoch)
         flat = np.concatenate(epoch_packs) if epoch_packs else np.empty(0, np.int64)
-        lines = np.searchsorted(exported, flat)
-        missing = (lines >= len(exported)) | (exported[np.minimum(lines, len(exported) - 1)] != flat)
-        if missing.any():
+        lines, missing = _line_numbers(exported, flat)
+        if missing is not None:
             raise UnsupportedCatalogError(
-                f"{packs}: epoch {epoch} packs row {int(flat[missing][0])}, which this export leaves out "
+                f"{packs}: epoch {epoch} packs row {missing}, which this export leaves out "
                 f"(it exports variants {variants}); pack with the same --variant as the export")
         per_epoch[epoch] = np.split(lines, np.cumsum([len(p) for p in epoch_packs])[:-1])
     return SamplerMeta(info["algorithm"], info["max_tokens"], per_epoch)
+
+
+def _line_numbers(exported: np.ndarray, row_ids: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """(line of each row id in a JSONL of the `exported` rows in this order, the first row id that is
+    not among them or None)."""
+    order = np.argsort(exported, kind="stable")
+    at = np.searchsorted(exported[order], row_ids)
+    found = at < len(exported)
+    found[found] = exported[order[at[found]]] == row_ids[found]
+    if not found.all():
+        return np.empty(0, np.int64), int(row_ids[~found][0])
+    return order[at].astype(np.int64), None
+
+
+def pack_sampler_meta(packing: Packing, metadata: dict) -> list[np.ndarray]:
+    """NiT sampler-meta of a packing made by `pack_catalogs`: each pack as line numbers of the data-meta
+    JSONL that `export_nit` writes for the same catalog and variants.
+
+    With one variant selected that is the JSONL of `export_nit(catalog, variant=V)`; otherwise the
+    merged JSONL of `export_nit(catalog)` (every native and center-crop variant). Several catalogs
+    number their lines on, in the order packed: their JSONLs concatenated in that order. A pack of
+    rows no such JSONL holds (a fit variant, say) is refused with UnsupportedCatalogError.
+    """
+    variants = metadata.get("variants") or []
+    which, local = locate(packing.row_ids, metadata)
+    lines = np.empty(len(packing.row_ids), np.int64)
+    first_line = 0
+    for i, record in enumerate(metadata["catalogs"]):
+        rows = CatalogRows(record["path"])
+        exported_variants = choose_variants(rows, FORMAT, variants[0] if len(variants) == 1 else None,
+                                            ("native", "center-crop"), HINT, single=False)
+        exported = rows.row_ids(exported_variants)
+        mine = which == i
+        found, missing = _line_numbers(exported, local[mine])
+        if missing is not None:
+            variant = rows.catalog.index["variant"][missing].as_py()
+            raise UnsupportedCatalogError(
+                f"{record['path']}: row {missing} (variant {variant!r}) is in the packs but not in the JSONL that "
+                f"`nr export nit` writes (variants {exported_variants}); pack with --variant set to a native or "
+                "center-crop variant")
+        lines[mine] = found + first_line
+        first_line += len(exported)
+    offsets = packing.offsets.tolist()
+    return [lines[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

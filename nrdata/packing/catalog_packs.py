@@ -114,6 +114,8 @@ def open_packs(path: str | Path, catalogs: list[str | Path] | None = None):
     `catalogs` overrides the recorded paths (catalogs that moved); they are matched in order.
     Returns (table, metadata, [Catalog, ...]).
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such packs file; make one with `nr pack CATALOG -L MAX_TOKENS --out {path}`")
     table, metadata = read_packs(path)
     recorded = metadata.get("catalogs")
     if not recorded:

@@ -1,9 +1,9 @@
 """Export to NiT's sampler-meta JSON (``reference/nit.md`` §1.2).
 
-The file is a JSON list of packs, each a list of 0-based row indices into the data-meta JSONL the
-packing was built from (no header, no lengths). Our row ids are positions in the packed length
-array, so they match NiT's indices when the lengths were given in the JSONL's row order (for a
-merged meta: the merged order).
+The file is a JSON list of packs, each a list of 0-based line numbers of the data-meta JSONL the
+packing was built from (no header, no lengths). Catalog row ids are not line numbers: a JSONL holds
+only the exported rows. `nrdata.interop.nit.pack_sampler_meta` turns packs of catalog rows into the
+line numbers of the JSONL that `nr export nit` writes; this module only names and writes the file.
 """
 
 from __future__ import annotations
