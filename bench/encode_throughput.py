@@ -129,8 +129,20 @@ def measure_encoder(device: torch.device, encoder_dir: Path, image_root: Path, *
 
     `encoder_dir` is a diffusers AutoencoderDC folder (f32c32), `image_root` an ImageNet-style folder.
     Both sides encode every image and its mirror, from the same prepared pixels, after one untimed
-    image each. `deadline` (time.monotonic()) skips the variants that would start after it.
+    image each, the baseline with PyTorch's default fp32 (TF32 off for matmuls, on for cuDNN
+    convolutions). `deadline` (time.monotonic()) skips the variants after the first that would not end
+    before it.
     """
+    # NiT's loop in plain fp32 as PyTorch defaults run it (no TF32 matmuls), whatever ran before in this process
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        return _measure_encoder(device, encoder_dir, image_root, variants, batch_pixels, deadline, log)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _measure_encoder(device, encoder_dir, image_root, variants, batch_pixels, deadline, log) -> dict:
     import diffusers
 
     from nrdata.encoders import load_encoder
@@ -146,14 +158,15 @@ def measure_encoder(device: torch.device, encoder_dir: Path, image_root: Path, *
               "parameters": sum(p.numel() for p in nit_model.parameters()), "images": len(items),
               "nr": f"nrdata.encoders.load_encoder + nrdata.encoding.encode_prepared, compute {compute}, storage "
                     f"bfloat16, batches under {batch_pixels:,} pixels (mirrors included)",
-              "baseline": "NiT's loop: AutoencoderDC in float32, image and mirror encoded one at a time (batch 1)",
+              "baseline": "NiT's loop: AutoencoderDC in float32 (TF32 matmuls off), image and mirror encoded one at a "
+                          "time (batch 1)",
               "variants": [], "skipped": []}
     log(f"encoder: DC-AE f32c32 architecture, {result['parameters'] / 1e6:.1f}M parameters, random weights; "
         f"{len(items)} images with their mirrors; nr: {result['nr']}; baseline: {result['baseline']}")
     last_seconds = 0.0
     for variant in variants:
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left < last_seconds:
+        if left is not None and left < last_seconds and result["variants"]:  # the first variant always runs
             result["skipped"].append(f"variant {variant}: {left:.0f} s of the budget left, the last took "
                                      f"{last_seconds:.0f} s")
             continue

@@ -169,7 +169,8 @@ def measure_sampling(device: torch.device, *, preset: str = "XL", sizes: list[in
                      deadline: float | None = None, log: Callable[[str], None] = print) -> dict:
     """CFG on `interval` against CFG on every step, per size; returns a dict of every figure.
 
-    `deadline` (time.monotonic()) skips the sizes that would start after it, listed under "skipped".
+    `deadline` (time.monotonic()) skips the sizes after the first that would not end before it, listed
+    under "skipped".
     Raises AssertionError when the interval run does not do fewer doubled passes.
     """
     cuda = device.type == "cuda"
@@ -195,7 +196,7 @@ def measure_sampling(device: torch.device, *, preset: str = "XL", sizes: list[in
     last_seconds = 0.0
     for size in sizes:
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left < last_seconds:
+        if left is not None and left < last_seconds and result["sizes"]:  # the first size always runs
             result["skipped"].append(f"{size} px: {left:.0f} s of the budget left, the last size took "
                                      f"{last_seconds:.0f} s")
             continue

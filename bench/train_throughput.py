@@ -45,7 +45,8 @@ taken within a round. Columns:
                CUDA only. model_flops counts the useful FLOPs of the real images (nrtrain/flops.py:
                per-image adaLN, block-diagonal attention, backward = 2x forward), so padding and
                recomputation never raise it; every row has the same numerator.
-  peak GiB   = torch.cuda.max_memory_allocated over the row (weights, EMA, AdamW state, batches included).
+  peak GiB   = torch.cuda.max_memory_allocated over the row (weights, EMA, the copy of the initial weights
+               every row starts from, AdamW state, every row's batches included).
   vs padded  = real tok/s / real tok/s of padded random batches in the same round and compile setting
                (median, and the range over rounds).
   graphs     = (compile on) graphs dynamo compiled during the timed steps: 0 means steady state; more
@@ -301,15 +302,15 @@ def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype, 
 def measure_training(device: torch.device, *, preset: str = "XL", max_tokens: int = 16_384, steps: int = 10,
                      warmup: int = 3, backends: list[str] | tuple[str, ...] = DEFAULT_BACKENDS,
                      compile_modes: tuple[bool, ...] = (False, True), precision: str = "bf16", rounds: int = 1,
-                     padded_batchings: tuple[str, ...] = ("random", "packs"), seed: int = 0, compile_options: dict | None = None, deadline: float | None = None,
-                     compile_estimate_s: float = 0.0, log: Callable[[str], None] = print) -> dict:
+                     padded_batchings: tuple[str, ...] = ("random", "packs"), seed: int = 0,
+                     compile_options: dict | None = None, deadline: float | None = None, compile_estimate_s: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """Packed against padded training steps, every row through nrtrain.train.train_step; returns a dict.
 
     `backends` are tried for the packed rows, those resolve_backend refuses on this device are left
     out (reasons under "refused"). `padded_batchings` must hold "random" (the baseline); "packs" adds
     the length-bucketed padded rows. `deadline` (time.monotonic()) stops starting rows that would end
-    after it: a row is skipped when the time left is below the last row's duration, and a compiled row
-    also when it is below `compile_estimate_s`; skipped rows are listed with the reason. Rows that
+    after it: a row after the first is skipped when the time left is below the last row's duration,
+    a compiled row also when it is below `compile_estimate_s`; skipped rows are listed with the reason. Rows that
     fail (out of memory, an exception) are recorded with their error and the others still run.
     `compile_options` go to torch.compile (e.g. {"backend": "eager"} for a quick check on CPU).
     """
@@ -394,7 +395,7 @@ def measure_training(device: torch.device, *, preset: str = "XL", max_tokens: in
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
                 needed = max(last_seconds, compile_estimate_s if compiled else 0.0)
-                if left is not None and left < needed:
+                if left is not None and left < needed and last_seconds > 0:  # the first row always runs
                     skipped.add(row)
                     result["skipped"].append(f"{layout} {batching} {backend} compile {'on' if compiled else 'off'}: "
                                              f"{left:.0f} s of the budget left, a row takes about {needed:.0f} s")
