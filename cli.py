@@ -48,11 +48,13 @@ def _root(
 
 
 def _open_catalog(path: Path):
-    from nrdata.catalog import Catalog, ManifestError
+    from nrdata.catalog import Catalog, CatalogIntegrityError, ManifestError
 
     try:
-        return Catalog(path)
-    except ManifestError as exc:
+        catalog = Catalog(path)
+        catalog.parts  # a broken index is refused here in one line, not half-way through a table
+        return catalog
+    except (ManifestError, CatalogIntegrityError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
@@ -371,6 +373,7 @@ def train(
     One process per GPU with torchrun: torchrun --nproc_per_node 8 $(which nr) train CONFIG ...
     Writes config.json, metrics.jsonl, TensorBoard logs, loss.png and checkpoints/step-*/ to --out.
     """
+    from nrdata.packing.catalog_packs import PacksMismatchError
     from nrtrain.checkpoint import CheckpointMismatchError
     from nrtrain.train import NonFiniteLossError, load_config, parse_override
     from nrtrain.train import train as run_training
@@ -398,7 +401,7 @@ def train(
             console.print(f"Ray Train finished; checkpoints and metrics in {cfg.out}")
             return
         summary = run_training(cfg, on_log=show)
-    except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointMismatchError, PacksMismatchError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except NonFiniteLossError as exc:

@@ -4,7 +4,9 @@ Builds a catalog of DC-AE f32c32-like native-resolution latents (32 channels, bf
 twin stored, as NiT stores both flips), packs it at L=16384 (LPFHP, patch size 1, as NiT-XL), and
 measures two loaders with the same number of DataLoader workers, one pack per batch:
 
-* nr: `nrtrain.loader.PackedLoader` over the catalog's memory-mapped Arrow shards;
+* nr: `nrtrain.loader.PackedLoader` over the catalog's memory-mapped Arrow shards, checking every
+  row's CRC-32 the first time the run reads it (its default);
+* nr unchecked: the same loader with `verify=False`, to show what the check costs;
 * NiT layout: one safetensors file per image under <class>/<stem>.safetensors holding `latent`
   [2, C, h, w] and a 0-d `label`, read with `safetensors.torch.load_file` (NiT's
   `ImprovedPackedImageNetLatentDataset.__getitem__`), a random twin, the same normalisation, and
@@ -21,9 +23,10 @@ to 5..16, independently (mean about 12 x 13 = 156 tokens; ImageNet's typical 500
 Each measurement is one loader run over two passes (nr: the packs file's two epochs; NiT layout:
 its subset twice), as in training, where one DataLoader runs the whole schedule. The first pass
 includes starting the workers and, for nr, each worker mapping the shard pages it touches for
-the first time (a page fault per image or so); the second is the steady state. The two loaders
-alternate for `--rounds` rounds, because the machine may be shared: the figure is the median over
-rounds of the ratio of the two rates measured back to back.
+the first time (a page fault per image or so) and checking the checksum of every row (latent and
+twin bytes); the second is the steady state, where nr's rows are known intact. The loaders
+alternate for `--rounds` rounds (nr checked and unchecked in turn first), because the machine may
+be shared: each figure is the median over rounds of the ratio of two rates measured back to back.
 All files are read warm (they were just written and sit in the page cache): this compares the
 cost of the formats and the loaders, not the disk; a cold read of one file per image is slower.
 
@@ -36,18 +39,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.compute as pc
 import torch
+from numba import njit
 from torch.utils.data import DataLoader, Dataset
 
 from nrdata.catalog import Catalog, CatalogWriter, EncoderInfo, LatentRow, Manifest
+from nrdata.catalog.checksum import HAS_PCLMUL, crc32
+from nrdata.catalog.reader import ShardView
 from nrdata.packing import packs_info, read_packs
 from nrdata.packing.catalog_packs import open_packs, pack_catalogs, write_pack_result
 from nrtrain.loader import PackedDataset, PackedLoader
@@ -122,19 +131,86 @@ class NitLayoutPacks(Dataset):
         return pack_latents(latents, labels, 1, row_ids=self.packs[i % len(self.packs)])
 
 
+@njit(nogil=True)
+def _checksum_rows(data: np.ndarray, offsets: np.ndarray, twins: np.ndarray) -> int:
+    """The loader's per-row check, alone: CRC-32 of every row's latent then twin."""
+    folded = 0
+    for i in range(offsets.shape[0] - 1):
+        crc = crc32(data[offsets[i]: offsets[i + 1]], 0)
+        folded ^= crc32(twins[offsets[i]: offsets[i + 1]], crc)
+    return folded
+
+
+def checksum_speed(catalog_dir: Path) -> str:
+    """GB/s of the loader's compiled CRC-32 and of zlib.crc32 over every row of the catalog (warm)."""
+    views = [ShardView(p) for p in sorted((catalog_dir / "shards").glob("*.arrow"))]
+    total = sum(2 * int(v.latent[0][-1]) for v in views)
+    _checksum_rows(views[0].latent[1], views[0].latent[0][:2], views[0].flip[1])  # compile
+    speeds = {}
+    for name in ("compiled", "zlib"):
+        start = time.perf_counter()
+        for v in views:
+            (offsets, data), twins = v.latent, v.flip[1]
+            if name == "compiled":
+                _checksum_rows(data, offsets, twins)
+            else:
+                for i in range(len(offsets) - 1):
+                    zlib.crc32(twins[offsets[i]: offsets[i + 1]], zlib.crc32(data[offsets[i]: offsets[i + 1]]))
+        speeds[name] = total / (time.perf_counter() - start) / 1e9
+    kind = "PCLMULQDQ" if HAS_PCLMUL else "table-driven"
+    return (f"checksum alone, one process, every row's latent and twin ({total / 2**30:.2f} GiB): compiled CRC-32 "
+            f"({kind}) {speeds['compiled']:.1f} GB/s, zlib.crc32 per row {speeds['zlib']:.1f} GB/s")
+
+
+def interleaved_cost(packs_path: Path, steps: int) -> tuple[str, float]:
+    """The checksum's cost measured pack by pack: two datasets in this process, one checking and one
+    not, build every pack of two passes in turn (which goes first alternates), each timed in CPU
+    seconds. Neighbouring measurements see the same machine, so load from other work cancels out."""
+    checked, unchecked = PackedDataset(packs_path, verify=True), PackedDataset(packs_path, verify=False)
+    spent = {(verify, k): 0.0 for verify in (True, False) for k in (0, 1)}
+    for position in range(2 * steps):
+        for dataset in (checked, unchecked) if position % 2 == 0 else (unchecked, checked):
+            start = time.process_time()
+            dataset.batch(position)
+            spent[dataset.verify, position // steps] += time.process_time() - start
+    figures, costs = [], []
+    for label, ks in (("first pass", (0,)), ("second pass", (1,)), ("both", (0, 1))):
+        yes, no = (sum(spent[verify, k] for k in ks) for verify in (True, False))
+        costs.append(1 - no / yes)  # the share of the checked loader's time the check takes
+        figures.append(f"{label} {yes:.2f} s checked / {no:.2f} s unchecked, cost {costs[-1]:+.1%}")
+    return "checksum cost, pack by pack in one process (CPU seconds): " + "; ".join(figures), costs[0]
+
+
+def _reaped_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _live_cpu() -> float:
+    return sum(sum(c.cpu_times()[:2]) for c in psutil.Process().children())
+
+
 def timed(batches, first_pass: int) -> list[dict]:
-    """Rates of the first `first_pass` batches (worker start included) and of the rest."""
+    """Rates of the first `first_pass` batches (worker start included) and of the rest.
+
+    Besides wall time, the CPU seconds the loader spent (its workers', page faults included, and this
+    process's): on a machine other work shares, the wall clock says how busy the machine was, the CPU
+    time what the loader cost."""
     stamps, images, tokens = [time.perf_counter()], [], []
+    cpu = [time.process_time() + _reaped_cpu()]
     for batch in batches:
         images.append(batch.num_images)
         tokens.append(batch.num_tokens)
         stamps.append(time.perf_counter())
+        if len(images) == first_pass:  # the workers are alive and between the passes
+            cpu.append(time.process_time() + _reaped_cpu() + _live_cpu())
+    cpu.append(time.process_time() + _reaped_cpu())  # the workers have exited: their time is counted
     passes = []
-    for lo, hi in ((0, first_pass), (first_pass, len(images))):
+    for k, (lo, hi) in enumerate(((0, first_pass), (first_pass, len(images)))):
         seconds = stamps[hi] - stamps[lo]
         passes.append({"packs": hi - lo, "seconds": seconds, "packs_s": (hi - lo) / seconds,
                        "latents_s": sum(images[lo:hi]) / seconds, "tokens_s": sum(tokens[lo:hi]) / seconds,
-                       "first": stamps[lo + 1] - stamps[lo]})
+                       "first": stamps[lo + 1] - stamps[lo], "cpu": cpu[k + 1] - cpu[k]})
     return passes
 
 
@@ -188,22 +264,26 @@ def main() -> None:
         baseline = NitLayoutPacks(first_packs, path_of, torch.tensor(norm.mean), torch.tensor(norm.std))
         epoch_steps = PackedDataset(packs_path).steps_in_epoch(0)
         rounds = []
-        for _ in range(args.rounds):
-            nr = timed(PackedLoader(packs_path, num_workers=args.workers), epoch_steps)
+        for i in range(args.rounds):
+            measured = {}
+            for verify in ((True, False) if i % 2 == 0 else (False, True)):
+                measured["nr" if verify else "nr unchecked"] = timed(
+                    PackedLoader(packs_path, num_workers=args.workers, verify=verify), epoch_steps)
             nit = timed(DataLoader(baseline, batch_size=None, num_workers=args.workers), len(first_packs))
-            rounds.append({"nr": nr, "NiT layout": nit})
+            rounds.append({"nr": measured["nr"], "nr unchecked": measured["nr unchecked"], "NiT layout": nit})
         print(f"load average (1, 5, 15 min) after: {load_average()}; above {os.cpu_count()} means other work "
               "competed for the cores")
 
-        print("MB/s: latent bytes read per second (bf16, one twin per image); first: seconds to the pass's first batch")
-        print(f"{'round':<7}{'loader':<12}{'pass':>5}{'packs':>7}{'seconds':>9}{'packs/s':>9}{'latents/s':>11}"
-              f"{'MB/s':>7}{'first':>7}")
+        print("MB/s: latent bytes read per second (bf16, one twin per image); first: seconds to the pass's first batch; "
+              "cpu s: CPU seconds of the loader's processes in the pass")
+        print(f"{'round':<7}{'loader':<14}{'pass':>5}{'packs':>7}{'seconds':>9}{'packs/s':>9}{'latents/s':>11}"
+              f"{'MB/s':>7}{'first':>7}{'cpu s':>7}")
         for i, measured in enumerate(rounds):
             for name, passes in measured.items():
                 for k, r in enumerate(passes):
                     mbs = r["tokens_s"] * CHANNELS * 2 / 1e6
-                    print(f"{i:<7}{name:<12}{k:>5}{r['packs']:>7}{r['seconds']:>9.2f}{r['packs_s']:>9.1f}"
-                          f"{r['latents_s']:>11,.0f}{mbs:>7.0f}{r['first']:>7.2f}")
+                    print(f"{i:<7}{name:<14}{k:>5}{r['packs']:>7}{r['seconds']:>9.2f}{r['packs_s']:>9.1f}"
+                          f"{r['latents_s']:>11,.0f}{mbs:>7.0f}{r['first']:>7.2f}{r['cpu']:>7.2f}")
         for k, label in ((1, "second pass (steady state)"), (0, "first pass (fresh workers)")):
             median = {name: {unit: statistics.median(r[name][k][unit] for r in rounds)
                              for unit in ("packs_s", "latents_s")} for name in ("nr", "NiT layout")}
@@ -217,6 +297,27 @@ def main() -> None:
                 met = statistics.median(ratios) >= 10 and median["nr"]["packs_s"] >= 100
                 print(f"bar (>= 10x and >= 100 packs/s with {args.workers} workers, steady state): "
                       f"{'met' if met else 'NOT met'}")
+        # Checking a row reads its twin too, which the unchecked loader first touches (page faults
+        # included) in a later pass: the two passes together are the fair comparison. Wall time
+        # says what a user sees on an idle machine; CPU time what the check costs when others share it.
+        for k, label in ((0, "first pass (every row checked)"), (1, "second pass (rows known intact)"),
+                         (None, "both passes")):
+            figures = []
+            for unit in ("seconds", "cpu"):
+                def spent(r, name):
+                    return sum(p[unit] for p in r[name]) if k is None else r[name][k][unit]
+
+                kept = [spent(r, "nr unchecked") / spent(r, "nr") for r in rounds]
+                cost = 1 - statistics.median(kept)
+                figures.append(f"{'wall' if unit == 'seconds' else 'CPU'} time: throughput checked / unchecked per "
+                               f"round {', '.join(f'{x:.3f}' for x in kept)}, median {statistics.median(kept):.3f}, "
+                               f"cost {cost:+.1%}")
+            print(f"checksum cost, {label}: " + "; ".join(figures))
+        line, first_pass_cost = interleaved_cost(packs_path, epoch_steps)
+        print(line)
+        print(f"bar (checksum cost <= 10% of loader throughput, first pass, pack by pack): "
+              f"{'met' if first_pass_cost <= 0.10 else 'NOT met'}")
+        print(checksum_speed(catalog_dir))
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

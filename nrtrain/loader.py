@@ -33,6 +33,18 @@ them round robin, so batches arrive in step order. The cursor is counted in the 
 batches are handed out, which is what makes `state_dict()` exact. A batch is built by one compiled
 pass over the shard maps (`_fill_pack`) into a shared-memory slot that the training process reads
 in place (see "moving batches" below).
+
+Damaged data. Before a latent's values enter a batch, its bytes are checked against the CRC-32 the
+writer recorded, inside the same compiled pass (`nrdata.catalog.checksum`, PCLMULQDQ-folded on
+x86): the half read (latent or twin) against the shard's CRC of that half, which the loader has
+checked, when it was built, to chain into the index's checksum of the row. Shards written before
+they kept per-half CRCs are checked on both halves at once. A half is checked the first time this
+rank reads it: flags in shared memory, common to the rank's workers, remember what was found
+intact, so later epochs pay a byte lookup (`bench/loader_throughput.py` measures both). A mismatch
+stops the batch with a CorruptLatentError naming the shard file, the row and its key, so no
+training step ever sees a damaged latent. Structural damage (an index part copied, deleted or
+truncated, a shard missing, truncated, or whose offsets disagree with the index) is refused when
+the loader is built, before any batch (`nrdata.catalog.reader`).
 """
 
 from __future__ import annotations
@@ -52,7 +64,8 @@ from numba import njit
 from numba.typed import List
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nrdata.catalog import Catalog, Normalization, layout
+from nrdata.catalog import Catalog, CatalogIntegrityError, Normalization, layout
+from nrdata.catalog.checksum import crc32, crc32_combine_gen, crc32_combine_op
 from nrdata.catalog.reader import ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
@@ -125,12 +138,14 @@ class PackedDataset(IterableDataset):
     epochs to read (default: those the file holds); `steps` stops after that many batches
     counted from the first step of the first epoch. Positions run 0 .. num_steps - 1.
     `repa_images` adds each image's source pixels to every batch (REPA), read under `image_root`
-    when given, else under each catalog's source_root.
+    when given, else under each catalog's source_root. `verify=False` skips the checksum of the rows
+    read (see "Damaged data" above; for measuring what the check costs).
     """
 
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 steps: int | None = None, repa_images: bool = False, image_root: str | Path | None = None) -> None:
+                 steps: int | None = None, repa_images: bool = False, image_root: str | Path | None = None,
+                 verify: bool = True) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -156,6 +171,11 @@ class PackedDataset(IterableDataset):
         self._mean = np.asarray(self.normalization.mean, np.float32)
         self._inv_std = (1.0 / np.asarray(self.normalization.std, np.float64)).astype(np.float32)
         self._rows, self._shard_paths = _row_table(opened, self.patch_size, self._moments)
+        self._catalog_starts = np.cumsum([0] + [len(c) for c in opened])
+        self.verify = bool(verify)
+        # halves found intact by this rank so far (bit 1: latent, bit 2: twin); shared memory, so
+        # that forked workers share it
+        self._verified = torch.zeros(len(self._rows["crc"]), dtype=torch.uint8).share_memory_()
         self._buffers: List | None = None  # the shards' bytes, memory-mapped by each process itself
         self._source_pixels = SourcePixels(opened, image_root) if repa_images else None
 
@@ -247,16 +267,27 @@ class PackedDataset(IterableDataset):
             if get_worker_info() is not None:  # fill shared memory directly rather than copy into it when sent
                 slot.share_memory_()
         batch = _batch_views(slot, spans, 0)
-        batch.max_seqlen = _fill_pack(
+        longest = _fill_pack(
             self._shard_buffers(), row_ids, rows["catalog"], rows["h"], rows["w"], rows["flip"], rows["shard"],
-            rows["offset"], rows["label"], self._codes, self._moments, draws, noise, self.patch_size, self.channels,
-            self._mean, self._inv_std, batch.tokens.numpy().reshape(-1), batch.positions.numpy(),
-            batch.image_ids.numpy(), batch.sizes.numpy(), batch.labels.numpy(), batch.row_ids.numpy(),
-            batch.cu_seqlens.numpy())
+            rows["offset"], rows["label"], rows["crc"], rows["halves"], self._verified.numpy(), self.verify, self._codes,
+            self._moments, draws, noise, self.patch_size, self.channels, self._mean, self._inv_std,
+            batch.tokens.numpy().reshape(-1), batch.positions.numpy(), batch.image_ids.numpy(), batch.sizes.numpy(),
+            batch.labels.numpy(), batch.row_ids.numpy(), batch.cu_seqlens.numpy())
+        if longest < 0:
+            self._refuse_row(int(row_ids[-longest - 1]))
+        batch.max_seqlen = longest
         if self._source_pixels is not None:
             flips = (draws < 0.5) & rows["flip"][row_ids]
             batch.images = [self._source_pixels.pixels(r, flip=f) for r, f in zip(row_ids.tolist(), flips.tolist())]
         return batch, spans, size
+
+    def _refuse_row(self, row: int) -> None:
+        """Raise the CorruptLatentError of merged row `row`, whose checksum the compiled pass found wrong."""
+        k = int(np.searchsorted(self._catalog_starts, row, side="right")) - 1
+        catalog, local = self.catalogs[k], row - int(self._catalog_starts[k])
+        catalog.verify_row(local)  # zlib agrees before a run is stopped: raises CorruptLatentError
+        raise RuntimeError(f"the loader's checksum of row {local} of {catalog.root} disagrees with zlib's, which finds "
+                           "the row intact; this is a bug in nr (pass verify=False to the loader to go on)")
 
     def _shard_buffers(self) -> List:
         """Latent and twin bytes of every shard (2s and 2s+1; an empty array where no twins are stored)."""
@@ -294,13 +325,16 @@ class PackedDataset(IterableDataset):
 
 
 @njit(cache=True, nogil=True)
-def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of, byte_offset, label_of, codes,
-               moments, draws, noise, patch, channels, mean, inv_std, tokens, positions, image_ids, sizes, labels,
-               out_row_ids, cu_seqlens):
-    """Every array of one pack, straight from the shards' bytes; returns its longest image in tokens.
+def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of, byte_offset, label_of, crcs,
+               halves, verified, verify, codes, moments, draws, noise, patch, channels, mean, inv_std, tokens,
+               positions, image_ids, sizes, labels, out_row_ids, cu_seqlens):
+    """Every array of one pack, straight from the shards' bytes; returns its longest image in tokens,
+    or -(j + 1) when image j's bytes do not match their checksum (the batch is then unusable).
 
     Image j is row row_ids[j]: its flipped twin when draws[j] < 0.5 and one is stored; for a moments
-    catalog, a latent sampled with the next C*h*w values of `noise`.
+    catalog, a latent sampled with the next C*h*w values of `noise`. With `verify`, the half used
+    is checked before it is used unless `verified` marks it: against crcs[r, half] where `halves[r]`,
+    else both halves chained against crcs[r, 0] (shards without per-half CRCs).
     """
     p = patch
     largest = 0
@@ -316,7 +350,20 @@ def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of
         stored = 2 * values if moments[k] else values
         twin = 1 if draws[j] < 0.5 and has_twin[r] else 0
         start = byte_offset[r]
-        decode(buffers[2 * shard_of[r] + twin][start: start + stored * ITEMSIZES[codes[k]]], codes[k], stored, z)
+        end = start + stored * ITEMSIZES[codes[k]]
+        if verify and not verified[r] & (1 << twin):
+            if halves[r]:
+                if crc32(buffers[2 * shard_of[r] + twin][start:end], 0) != crcs[r, twin]:
+                    return -(j + 1)
+                verified[r] |= 1 << twin
+            else:
+                crc = crc32(buffers[2 * shard_of[r]][start:end], 0)
+                if has_twin[r]:
+                    crc = crc32(buffers[2 * shard_of[r] + 1][start:end], crc)
+                if crc != crcs[r, 0]:
+                    return -(j + 1)
+                verified[r] = 3
+        decode(buffers[2 * shard_of[r] + twin][start:end], codes[k], stored, z)
         if moments[k]:
             sample_moments(z, values, noise[noise_at: noise_at + values])
             noise_at += values
@@ -337,37 +384,112 @@ def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of
 
 def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tuple[dict[str, np.ndarray], list[Path]]:
     """Per merged row id: its catalog, label, latent size, whether a twin is stored, where its bytes are
-    (shard number, byte offset; a twin sits at the same offset of the twin column), its tokens and how
-    many noise values it draws. Also the shard paths in shard-number order. Narrow integers: the
-    table has a row per latent (millions for ImageNet's three variants), shared by forked workers."""
-    columns = {name: [] for name in ("catalog", "label", "h", "w", "flip", "shard", "offset", "tokens", "noise")}
+    (shard number, byte offset; a twin sits at the same offset of the twin column), its checksums
+    (`crc` [latent, twin] when `halves`, else [both chained, 0]), its tokens and how many noise values
+    it draws. Also the shard paths in shard-number order. Narrow integers: the table has a row per
+    latent (millions for ImageNet's three variants), shared by forked workers.
+
+    Every row's byte range is checked against its shard here, once: the compiled pass trusts them
+    (a wrong offset would read outside the map); so are the shard's per-half checksums against the
+    index's."""
+    columns = {name: [] for name in ("catalog", "label", "h", "w", "flip", "shard", "offset", "crc", "halves",
+                                     "tokens", "noise")}
     paths = []
     for number, cat in enumerate(catalogs):
         index = cat.index
         names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
         shard_rows = index["shard_row"].to_numpy()
+        h, w = index["latent_h"].to_numpy().astype(np.int32), index["latent_w"].to_numpy().astype(np.int32)
+        flip = index["flip"].to_numpy(zero_copy_only=False).astype(bool)
+        nbytes = h.astype(np.int64) * w * cat.manifest.encoder.stored_channels * cat.manifest.itemsize
         offset = np.empty(len(index), np.int64)
+        chained = index["crc32"].to_numpy().astype(np.uint32)
+        crc = np.stack([chained, np.zeros_like(chained)], axis=1)
+        halves = np.zeros(len(index), bool)
         by_shard = np.argsort(shard_of, kind="stable")
         bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
         for s, name in enumerate(names.tolist()):
             path = cat.root / layout.SHARD_DIR / name
             view = ShardView(path)
-            if view.flip is not None and not np.array_equal(view.flip[0], view.latent[0]):
-                raise ValueError(f"{path}: flipped twins are not laid out like the latents; run `nr catalog validate`")
             rows = by_shard[bounds[s]: bounds[s + 1]]
-            offset[rows] = view.latent[0][shard_rows[rows]]
+            offset[rows] = _byte_ranges(cat, path, view, rows, shard_rows[rows], nbytes[rows], flip[rows])
+            if view.half_crcs is not None:
+                crc[rows] = _half_crcs(cat, path, view, rows, shard_rows[rows], nbytes[rows], flip[rows], chained[rows])
+                halves[rows] = True
             paths.append(path)
-        h, w = index["latent_h"].to_numpy().astype(np.int32), index["latent_w"].to_numpy().astype(np.int32)
         columns["catalog"].append(np.full(len(index), number, np.int32))
         columns["label"].append(index["label"].to_numpy().astype(np.int32))
         columns["h"].append(h)
         columns["w"].append(w)
-        columns["flip"].append(index["flip"].to_numpy(zero_copy_only=False).astype(bool))
+        columns["flip"].append(flip)
         columns["shard"].append((shard_of + len(paths) - len(names)).astype(np.int32))
         columns["offset"].append(offset)
+        columns["crc"].append(crc)
+        columns["halves"].append(halves)
         columns["tokens"].append((h // patch) * (w // patch))
         columns["noise"].append(h * w * cat.manifest.encoder.channels * int(moments[number]))
     return {name: np.concatenate(parts) for name, parts in columns.items()}, paths
+
+
+def _byte_ranges(cat: Catalog, path: Path, view: ShardView, rows: np.ndarray, shard_rows: np.ndarray,
+                 nbytes: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """Start offsets of `rows` (catalog rows stored in `view`) after checking that each points at a
+    shard row holding exactly the bytes its index row describes, twin included."""
+    offsets, data = view.latent
+
+    def refuse(i: int, what: str) -> None:
+        row = int(rows[i])
+        key = cat.index["key"][row].as_py()
+        raise CatalogIntegrityError(
+            f"shard {path} row {int(shard_rows[i])} (catalog row {row}, key {key}): {what}; the shard or its index "
+            f"part was damaged or replaced: run `nr catalog validate {cat.root}`, then restore the shard from a "
+            "backup or re-encode the catalog")
+
+    outside = np.flatnonzero((shard_rows < 0) | (shard_rows >= view.num_rows))
+    if outside.size:
+        refuse(int(outside[0]), f"the index points at a row the shard does not have (it holds {view.num_rows})")
+    start, end = offsets[shard_rows], offsets[shard_rows + 1]
+    wrong = np.flatnonzero((end - start != nbytes) | (start < 0) | (end > data.size))
+    if wrong.size:
+        i = int(wrong[0])
+        refuse(i, f"it holds {int(end[i] - start[i])} bytes where the index row needs {int(nbytes[i])}")
+    if flip.any():
+        if view.flip is None:
+            refuse(int(np.argmax(flip)), "the index says a flipped twin is stored, the shard holds none")
+        if not np.array_equal(view.flip[0], offsets) or offsets[-1] > view.flip[1].size:
+            refuse(int(np.argmax(flip)), "the flipped twins are not laid out like the latents")
+    return start
+
+
+def _half_crcs(cat: Catalog, path: Path, view: ShardView, rows: np.ndarray, shard_rows: np.ndarray,
+               nbytes: np.ndarray, flip: np.ndarray, chained: np.ndarray) -> np.ndarray:
+    """[latent, twin] CRC-32 of `rows` as the shard keeps them, after checking that they chain into
+    the checksum the index recorded (arithmetic on the checksums: no latent bytes are read)."""
+    latent, twin = view.half_crcs
+    crc = np.zeros((len(rows), 2), np.uint32)
+    crc[:, 0] = latent[shard_rows]
+    if twin is not None:
+        crc[:, 1] = twin[shard_rows]
+    lengths, which = np.unique(nbytes, return_inverse=True)
+    ops = np.array([crc32_combine_gen(int(n)) for n in lengths], np.uint32)[which]
+    bad = _unchained(crc, ops, flip, chained)
+    if bad >= 0:
+        row = int(rows[bad])
+        raise CatalogIntegrityError(
+            f"shard {path} row {int(shard_rows[bad])} (catalog row {row}, key {cat.index['key'][row].as_py()}): the "
+            f"checksums the shard keeps do not match its index part; the shard was damaged or replaced: run "
+            f"`nr catalog validate {cat.root}`, then restore the shard from a backup or re-encode the catalog")
+    return crc
+
+
+@njit(cache=True, nogil=True)
+def _unchained(crc, ops, flip, chained):
+    """The first i whose halves do not chain into chained[i], or -1."""
+    for i in range(crc.shape[0]):
+        whole = crc32_combine_op(ops[i], crc[i, 0], crc[i, 1]) if flip[i] else crc[i, 0]
+        if whole != chained[i]:
+            return i
+    return -1
 
 
 # -- moving batches from workers to the training process -------------------------------------
@@ -468,6 +590,16 @@ class _InBuffer:
         return _batch_views, self.args
 
 
+def _worker_message(exc: Exception) -> str:
+    """The message an exception was raised with in a DataLoader worker: the DataLoader re-raises it
+    here with the worker's whole traceback as its text; the user needs the last line."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if text.startswith("Caught ") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 class PackedLoader:
     """A rank's PackedBatches through a DataLoader, with a cursor that resumes exactly.
 
@@ -478,10 +610,11 @@ class PackedLoader:
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  steps: int | None = None, num_workers: int = 2, pin_memory: bool = False,
-                 prefetch_factor: int = 2, repa_images: bool = False, image_root: str | Path | None = None) -> None:
+                 prefetch_factor: int = 2, repa_images: bool = False, image_root: str | Path | None = None,
+                 verify: bool = True) -> None:
         self.dataset = PackedDataset(packs, catalogs=catalogs, patch_size=patch_size, rank=rank,
                                      world_size=world_size, seed=seed, epochs=epochs, steps=steps,
-                                     repa_images=repa_images, image_root=image_root)
+                                     repa_images=repa_images, image_root=image_root, verify=verify)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)
@@ -516,9 +649,12 @@ class PackedLoader:
                                           prefetch_factor=self.prefetch_factor if workers else None))
             finally:
                 dataset.pool_key = None
-            for batch in batches:
-                self.position += 1
-                yield batch
+            try:
+                for batch in batches:
+                    self.position += 1
+                    yield batch
+            except CatalogIntegrityError as exc:
+                raise type(exc)(_worker_message(exc)) from None
         finally:
             _POOLS.pop(key, None)
 

@@ -31,7 +31,10 @@ class NormalizationNotReadyError(ValueError):
 
 
 def catalog_normalization(catalog: Catalog) -> Normalization:
-    """The manifest's statistics, or a NormalizationNotReadyError that says how to get them."""
+    """The manifest's statistics, or a NormalizationNotReadyError that says how to get them.
+
+    They must be the statistics the shards carry (CatalogIntegrityError otherwise): the manifest is a
+    hand-editable copy of them, outside the fingerprint."""
     manifest = catalog.manifest
     norm = manifest.normalization
     channels = manifest.encoder.channels
@@ -51,6 +54,7 @@ def catalog_normalization(catalog: Catalog) -> Normalization:
             f"{catalog.root}: channel {int(np.argmin(norm.std))} has std {min(norm.std)}; a constant channel "
             "cannot be normalised (is the catalog a handful of identical latents?)"
         )
+    catalog.check_normalization()
     return norm
 
 

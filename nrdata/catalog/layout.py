@@ -56,6 +56,10 @@ SHARD_SCHEMA = pa.schema([
     pa.field("variant", pa.string(), nullable=False),
     pa.field("latent", pa.large_binary(), nullable=False),
     pa.field("latent_flip", pa.large_binary(), nullable=True),
+    # zlib.crc32 of each half on its own (the index's crc32 chains the two): a reader checks the half
+    # it reads without touching the other. Shards written before these columns existed lack them.
+    pa.field("latent_crc32", pa.uint32(), nullable=False),
+    pa.field("latent_flip_crc32", pa.uint32(), nullable=True),
 ])
 
 ERROR_SCHEMA = pa.schema([

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,7 +14,15 @@ import pyarrow.parquet as pq
 from nrdata.catalog import layout
 from nrdata.catalog.atomic import is_temp
 from nrdata.catalog.manifest import ManifestError, read_manifest
-from nrdata.catalog.reader import ShardView, part_metadata
+from nrdata.catalog.reader import (
+    CatalogIntegrityError,
+    IndexPart,
+    ShardView,
+    index_problems,
+    merged_stats,
+    normalization_problem,
+    read_part,
+)
 
 _MAX_LISTED = 20  # problems of one kind listed by name before they are only counted
 
@@ -64,45 +71,63 @@ def validate_catalog(root: str | Path, *, checksums: bool = True,
     described: set[str] = set()
     seen: dict[tuple[str, str], int] = {}
     duplicates: list[str] = []
-    next_row = 0
+    footers: list[IndexPart] = []
+    unreadable = 0
 
     for done, part in enumerate(parts):
         if progress:
             progress(done, len(parts))
         try:
-            meta = part_metadata(part)
+            footer = read_part(part)
             table = pq.read_table(part)
+        except CatalogIntegrityError as exc:
+            report.problems.append(str(exc))
+            unreadable += 1
+            continue
         except Exception as exc:  # noqa: BLE001 - any unreadable part is a problem to report
             report.problems.append(f"index/{part.name}: unreadable ({type(exc).__name__}: {exc})")
+            unreadable += 1
             continue
         missing = [f.name for f in layout.INDEX_SCHEMA if f.name not in table.column_names]
         if missing:
             report.problems.append(f"index/{part.name}: missing columns {missing}")
             continue
+        footers.append(footer)
         report.rows += table.num_rows
         row_ids = table["row_id"].to_numpy()
-        expected = np.arange(next_row, next_row + table.num_rows)
-        if not np.array_equal(row_ids, expected):
-            report.problems.append(
-                f"index/{part.name}: row ids are not {next_row}..{next_row + table.num_rows - 1} in order"
-            )
-        next_row += table.num_rows
+        # how the parts' ranges fit together is index_problems' to say; inside a part, ids run in order
+        if not np.array_equal(row_ids, np.arange(footer.first_row, footer.first_row + table.num_rows)):
+            report.problems.append(f"index/{part.name}: row ids are not {footer.first_row}.."
+                                   f"{footer.first_row + table.num_rows - 1} in order")
         for key, variant, rid in zip(table["key"].to_pylist(), table["variant"].to_pylist(), row_ids.tolist()):
             if (key, variant) in seen:
-                duplicates.append(f"{key} [{variant}] at rows {seen[(key, variant)]} and {rid}")
+                duplicates.append(f"{key} (variant {variant}) at rows {seen[(key, variant)]} and {rid}")
             else:
                 seen[(key, variant)] = rid
         bad_variants = set(table["variant"].to_pylist()) - set(manifest.variants)
         if bad_variants:
             report.problems.append(f"index/{part.name}: variants {sorted(bad_variants)} not in the manifest")
-        _check_rows(report, root, manifest, part.name, meta, table, shard_files, described, checksums)
+        _check_rows(report, root, manifest, part.name, footer.meta, table, shard_files, described, checksums)
 
+    # row ids 0..N-1 once each across the parts (unless a part could not be read: its ids are not
+    # known), every shard present with its committed size
+    structure = index_problems(root, footers, ranges=not unreadable)
+    report.problems.extend(structure)
+    if not unreadable and not structure:  # the statistics of a broken index say nothing more
+        orphans = sorted(shard_files - described)
+        problem = normalization_problem(root, manifest, merged_stats(footers, manifest.encoder.channels), orphans)
+        if problem:
+            report.problems.append(problem)
+        elif not manifest.normalization.ready and report.rows:
+            report.warnings.append("the manifest has no normalisation statistics yet: the encode that wrote it did "
+                                   "not finish; re-run it (it skips the committed rows and writes them)")
     if duplicates:
         report.problems.append(f"{len(duplicates)} duplicated (key, variant): " + "; ".join(duplicates[:_MAX_LISTED]))
     orphans = sorted(shard_files - described)
     if orphans:
         report.warnings.append(f"{len(orphans)} shard(s) without an index part (left by an interrupted write, "
-                               f"removed by the next writer): {', '.join(orphans[:_MAX_LISTED])}")
+                               f"removed by the next writer; or their index part was deleted): "
+                               f"{', '.join(orphans[:_MAX_LISTED])}")
     for sub in (layout.INDEX_DIR, layout.SHARD_DIR, layout.ERROR_DIR):
         temps = [p.name for p in (root / sub).glob("*") if is_temp(p)] if (root / sub).is_dir() else []
         if temps:
@@ -126,17 +151,18 @@ def _check_rows(report: ValidationReport, root: Path, manifest, part_name: str, 
     if names - {shard_name}:
         report.problems.append(f"{where}: rows point at shards {sorted(names - {shard_name})}, "
                                f"but the part describes {shard_name}")
-    if shard_name not in shard_files:
-        report.problems.append(f"{where}: its shard shards/{shard_name} is missing ({table.num_rows} rows lost)")
+    if shard_name not in shard_files:  # reported by index_problems, with the rows lost
         return
     path = root / layout.SHARD_DIR / shard_name
     report.shards += 1
+    if path.stat().st_size != meta["shard_bytes"]:  # truncated or overwritten: reported by index_problems
+        return
     if checksums:
         digest, size = _sha_file(path)
         report.bytes_checked += size
-        if size != meta["shard_bytes"] or digest != meta["shard_blake2b"]:
+        if digest != meta["shard_blake2b"]:
             report.problems.append(f"shards/{shard_name}: content differs from what was committed "
-                                   f"({size} bytes, expected {meta['shard_bytes']}; checksum mismatch)")
+                                   f"(BLAKE2b checksum mismatch; the rows that differ follow)")
     try:
         shard = ShardView(path)
     except Exception as exc:  # noqa: BLE001
@@ -166,12 +192,8 @@ def _check_rows(report: ValidationReport, root: Path, manifest, part_name: str, 
         if flip and shard.flip is None:
             bad.append(f"row {row_id} ({key}) claims a flipped twin that the shard does not hold")
             continue
-        if checksums:
-            actual = zlib.crc32(raw)
-            if flip:
-                actual = zlib.crc32(shard.row_bytes(shard_row, True), actual)
-            if actual != crc:
-                bad.append(f"row {row_id} ({key}): checksum mismatch (corrupt bytes)")
+        if checksums and not shard.row_intact(shard_row, flip, crc):
+            bad.append(f"row {row_id} ({key}): checksum mismatch (corrupt bytes)")
     if bad:
         shown = "; ".join(bad[:_MAX_LISTED])
         more = f" (+{len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""

@@ -332,9 +332,12 @@ class CatalogWriter:
 
         latents = [a.tobytes() for a, _ in arrays]
         flips = [None if f is None else f.tobytes() for _, f in arrays]
+        latent_crcs = [zlib.crc32(l) for l in latents]
+        flip_crcs = [None if f is None else zlib.crc32(f) for f in flips]
         batch = pa.record_batch(
             [pa.array([r.key for r in rows], pa.string()), pa.array([r.variant for r in rows], pa.string()),
-             pa.array(latents, pa.large_binary()), pa.array(flips, pa.large_binary())],
+             pa.array(latents, pa.large_binary()), pa.array(flips, pa.large_binary()),
+             pa.array(latent_crcs, pa.uint32()), pa.array(flip_crcs, pa.uint32())],
             schema=layout.SHARD_SCHEMA,
         )
         sink = pa.BufferOutputStream()
@@ -351,7 +354,7 @@ class CatalogWriter:
             for array in (latent, flip):
                 if array is not None:
                     stats = stats.merge(ChannelStats.of(_stats_view(array, self.manifest)))
-        crcs = [zlib.crc32(f, zlib.crc32(l)) if f is not None else zlib.crc32(l) for l, f in zip(latents, flips)]
+        crcs = [zlib.crc32(f, c) if f is not None else c for c, f in zip(latent_crcs, flips)]
         first = self._next_row
         index = pa.table({
             "row_id": pa.array(range(first, first + len(rows)), pa.int64()),
