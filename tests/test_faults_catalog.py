@@ -6,12 +6,15 @@ on the damage."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -19,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from interop_factory import make_manifest, make_rows, write_catalog  # noqa: E402
 
 from cli import app  # noqa: E402
-from nrdata.catalog import Catalog, CorruptLatentError, layout  # noqa: E402
+from nrdata.catalog import Catalog, CatalogIntegrityError, CatalogWriter, CorruptLatentError, layout  # noqa: E402
+from nrdata.catalog.manifest import read_manifest  # noqa: E402
+from nrdata.catalog.reader import ShardView  # noqa: E402
 from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result  # noqa: E402
 from nrtrain.loader import PackedDataset  # noqa: E402
 from nrtrain.train import TrainConfig, train  # noqa: E402
@@ -180,6 +185,10 @@ def test_a_deleted_index_part_is_refused_naming_the_rows_and_the_shard_left_behi
     _pack_cli(cat, "row ids 5..9", orphan)
     _export(cat, "row ids 5..9", orphan)
     _validate(cat, "row ids 5..9", orphan)
+    # a writer would number new rows after the last and delete the shard no part names: refused
+    with pytest.raises(CatalogIntegrityError, match="cannot be appended to: row ids 5..9"):
+        CatalogWriter(cat, read_manifest(cat))
+    assert (cat / layout.SHARD_DIR / orphan).exists()
 
 
 def test_a_deleted_last_index_part_is_caught_by_the_packs_and_then_by_the_statistics(cat):
@@ -210,3 +219,43 @@ def test_an_edited_normalisation_in_the_manifest_is_refused(cat):
     path.write_text(json.dumps(manifest, indent=2))
     _train(cat, names=(str(path), "normalization.std[3]", "edited"))
     _validate(cat, "manifest.json", "normalization.std[3]")
+
+
+def _drop_half_crcs(cat: Path) -> None:
+    """Rewrite the catalog as a writer did before shards kept per-half checksums."""
+    old = pa.schema([f for f in layout.SHARD_SCHEMA if not f.name.endswith("_crc32")])
+    for part in _parts(cat):
+        table = pq.read_table(part)
+        meta = json.loads(table.schema.metadata[layout.PART_META_KEY])
+        shard = cat / layout.SHARD_DIR / meta["shard"]
+        with pa.memory_map(str(shard)) as source:
+            rows = pa.ipc.open_file(source).read_all().select(old.names)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, old) as ipc:
+            ipc.write_table(rows.cast(old))
+        blob = sink.getvalue()
+        shard.write_bytes(blob.to_pybytes())
+        meta.update(shard_bytes=blob.size, shard_blake2b=hashlib.blake2b(blob).hexdigest())
+        pq.write_table(table.replace_schema_metadata({layout.PART_META_KEY: json.dumps(meta).encode()}), part)
+
+
+def test_shards_without_per_half_checksums_are_checked_on_both_halves(cat):
+    _drop_half_crcs(cat)
+    packs = _pack(cat.parent)
+    batch = PackedDataset(packs).batch(0)
+    assert ShardView(_shards(cat)[0]).half_crcs is None
+    # the half batch 0 does not use: an old shard's checksum covers both, so both are read
+    shard, key = _flip_byte(cat, int(batch.row_ids[0]), twin=not _half_used(cat, batch))
+    with pytest.raises(CorruptLatentError, match=f"{shard}.*{key}"):
+        PackedDataset(packs)
+
+
+def test_a_shard_whose_checksums_differ_from_its_index_part_is_refused_before_any_batch(cat):
+    part = _parts(cat)[1]
+    table = pq.read_table(part)
+    crcs = table["crc32"].to_pylist()
+    crcs[2] ^= 1
+    pq.write_table(table.set_column(table.schema.get_field_index("crc32"), "crc32", pa.array(crcs, pa.int64())), part)
+    with pytest.raises(CatalogIntegrityError, match="checksums the shard keeps do not match its index part"):
+        PackedDataset(cat.parent / "packs.parquet")
+    _validate(cat, "row 7", "checksum mismatch")

@@ -160,6 +160,7 @@ class CatalogWriter:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._lock_fh = self._take_lock()
         try:
+            self._refuse_broken_index()
             self.manifest = self._open_manifest(manifest)
             self._clean_leftovers()
             self._committed, self._next_row, self._next_seq = self._read_committed()
@@ -220,6 +221,17 @@ class CatalogWriter:
         if self._on_disk is not None:
             write_manifest(self.root, self.manifest)
             self._on_disk = None
+
+    def _refuse_broken_index(self) -> None:
+        """A writer numbers new rows after the last one and deletes shards no index part names. On an
+        index with a part copied, deleted or truncated (or a shard gone) that would reuse row ids and
+        delete the shard of a lost part, so such a catalog is refused as it is (CatalogIntegrityError
+        naming the files); a shard left by a writer killed mid-commit is no such damage."""
+        from nrdata.catalog.reader import CatalogIntegrityError, index_problems, read_parts
+
+        problems = index_problems(self.root, read_parts(self.root))
+        if problems:
+            raise CatalogIntegrityError(f"{self.root} cannot be appended to: {problems[0]}")
 
     def _clean_leftovers(self) -> None:
         """Remove what a killed writer left: temporary files and shards nobody indexed."""
