@@ -406,6 +406,9 @@ def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tupl
         chained = index["crc32"].to_numpy().astype(np.uint32)
         crc = np.stack([chained, np.zeros_like(chained)], axis=1)
         halves = np.zeros(len(index), bool)
+        # the operator that chains a twin's CRC after its latent's depends on the length only
+        lengths, which = np.unique(nbytes, return_inverse=True)
+        ops = np.array([crc32_combine_gen(int(n)) for n in lengths], np.uint32)[which]
         by_shard = np.argsort(shard_of, kind="stable")
         bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
         for s, name in enumerate(names.tolist()):
@@ -414,7 +417,7 @@ def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tupl
             rows = by_shard[bounds[s]: bounds[s + 1]]
             offset[rows] = _byte_ranges(cat, path, view, rows, shard_rows[rows], nbytes[rows], flip[rows])
             if view.half_crcs is not None:
-                crc[rows] = _half_crcs(cat, path, view, rows, shard_rows[rows], nbytes[rows], flip[rows], chained[rows])
+                crc[rows] = _half_crcs(cat, path, view, rows, shard_rows[rows], ops[rows], flip[rows], chained[rows])
                 halves[rows] = True
             paths.append(path)
         columns["catalog"].append(np.full(len(index), number, np.int32))
@@ -462,7 +465,7 @@ def _byte_ranges(cat: Catalog, path: Path, view: ShardView, rows: np.ndarray, sh
 
 
 def _half_crcs(cat: Catalog, path: Path, view: ShardView, rows: np.ndarray, shard_rows: np.ndarray,
-               nbytes: np.ndarray, flip: np.ndarray, chained: np.ndarray) -> np.ndarray:
+               ops: np.ndarray, flip: np.ndarray, chained: np.ndarray) -> np.ndarray:
     """[latent, twin] CRC-32 of `rows` as the shard keeps them, after checking that they chain into
     the checksum the index recorded (arithmetic on the checksums: no latent bytes are read)."""
     latent, twin = view.half_crcs
@@ -470,8 +473,6 @@ def _half_crcs(cat: Catalog, path: Path, view: ShardView, rows: np.ndarray, shar
     crc[:, 0] = latent[shard_rows]
     if twin is not None:
         crc[:, 1] = twin[shard_rows]
-    lengths, which = np.unique(nbytes, return_inverse=True)
-    ops = np.array([crc32_combine_gen(int(n)) for n in lengths], np.uint32)[which]
     bad = _unchained(crc, ops, flip, chained)
     if bad >= 0:
         row = int(rows[bad])
