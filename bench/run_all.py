@@ -6,6 +6,9 @@ machine: the ratios move when other work shares the cores.
 
     .venv/bin/python bench/run_all.py            # all of them, about 10 minutes on 2 cores
     .venv/bin/python bench/run_all.py pack loader  # some of them
+
+The GPU figures come from one other command, bench/gpu_check.py, built for a lent GPU (its docstring
+gives the device call); it reuses the train, sample and encode measurements these scripts print.
 """
 
 from __future__ import annotations

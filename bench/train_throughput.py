@@ -303,7 +303,8 @@ def measure_training(device: torch.device, *, preset: str = "XL", max_tokens: in
                      warmup: int = 3, backends: list[str] | tuple[str, ...] = DEFAULT_BACKENDS,
                      compile_modes: tuple[bool, ...] = (False, True), precision: str = "bf16", rounds: int = 1,
                      padded_batchings: tuple[str, ...] = ("random", "packs"), seed: int = 0,
-                     compile_options: dict | None = None, deadline: float | None = None, compile_estimate_s: float = 0.0, log: Callable[[str], None] = print) -> dict:
+                     compile_options: dict | None = None, deadline: float | None = None, compile_estimate_s: float = 0.0,
+                     log: Callable[[str], None] = print) -> dict:
     """Packed against padded training steps, every row through nrtrain.train.train_step; returns a dict.
 
     `backends` are tried for the packed rows, those resolve_backend refuses on this device are left

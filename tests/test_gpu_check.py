@@ -101,6 +101,26 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path):
     assert len(sample["skipped"]) == 1 and "128 px" in sample["skipped"][0]
 
 
+def test_the_gpu_plan_fits_the_functions_it_feeds_and_the_eight_minutes():
+    # the GPU sizes run only on a lent GPU: at least their keywords and budgets are checked here
+    import inspect
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import GPU_PLAN, SECTIONS, SMOKE_PLAN
+    from sample_throughput import measure_sampling
+    from train_throughput import measure_training
+
+    cuda = torch.device("cuda")
+    for plan in (GPU_PLAN, SMOKE_PLAN):
+        inspect.signature(measure_training).bind(cuda, **plan.train)
+        inspect.signature(measure_sampling).bind(cuda, **plan.sample)
+        assert set(plan.budgets) == set(SECTIONS)
+    # budgets stop new variants, not running ones: leave a minute for the last compile and start-up
+    assert sum(GPU_PLAN.budgets.values()) <= 7 * 60
+    assert GPU_PLAN.train["preset"] == GPU_PLAN.sample["preset"] == "XL" and GPU_PLAN.train["max_tokens"] == 16_384
+    assert GPU_PLAN.train["precision"] == "bf16" and GPU_PLAN.sample["sizes"] == [256, 512]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the smoke sizes on the GPU")
 def test_smoke_sizes_pass_on_cuda(tmp_path):
     process, report = run_check(tmp_path, "--device", "cuda")
