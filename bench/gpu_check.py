@@ -19,6 +19,9 @@ would start after it are skipped and listed, so the whole stays under 8 minutes 
   encode  bench/encode_throughput.measure_encoder: the real-size DC-AE f32c32 architecture (random
           weights), nr's batched encoder path in bf16 against NiT's loop (batch 1, fp32), at 256²
           and native sizes; no Ray.
+  tests   pytest on the tests that need CUDA (tests/test_gpu_path.py's test_cuda_*, pinned-memory
+          batches): the varlen and flex kernels against the masked reference in bf16, a compiled bf16
+          training step with one graph and no graph break. On a CPU only collected.
 
 `--smoke` runs the same code on the CPU with tiny sizes in about a minute (tests/test_gpu_check.py
 runs it, so this script cannot rot). Output: gpu_check.json (every figure, the device, torch, the
@@ -66,7 +69,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SECTIONS = ("cli", "train", "sample", "encode")
+SECTIONS = ("cli", "tests", "train", "sample", "encode")
 FACTOR = 32  # DC-AE f32
 CHANNELS = 32
 NR = "import sys; from cli import main; sys.argv[0] = 'nr'; main()"  # nr is not pip-installed on the device
@@ -97,7 +100,7 @@ class Plan:
 
 
 GPU_PLAN = Plan(
-    budgets={"cli": 160, "train": 160, "sample": 50, "encode": 40}, real_dcae=True,
+    budgets={"cli": 140, "tests": 40, "train": 150, "sample": 50, "encode": 40}, real_dcae=True,
     catalog_rows=600, latent_sides=(5, 16), cli_model="B", cli_max_tokens=8192, cli_workers=2,
     sample_sizes=("256x256", "256x512"), sample_count=4, sample_steps=10, sample_dtype="bfloat16", cli_compile=True,
     train=dict(preset="XL", max_tokens=16_384, steps=10, warmup=3, compile_modes=(False, True), precision="bf16",
@@ -106,7 +109,7 @@ GPU_PLAN = Plan(
     encode_images=64,
 )
 SMOKE_PLAN = Plan(
-    budgets={"cli": 100, "train": 60, "sample": 20, "encode": 30}, real_dcae=False,
+    budgets={"cli": 100, "tests": 40, "train": 60, "sample": 20, "encode": 30}, real_dcae=False,
     catalog_rows=24, latent_sides=(2, 5), cli_model="tiny", cli_max_tokens=64, cli_workers=1,
     sample_sizes=("64x64", "64x128"), sample_count=2, sample_steps=4, sample_dtype="bfloat16", cli_compile=False,
     # compile with dynamo's eager backend: the compiled path is traced, recompiles counted, no C++ build
@@ -174,18 +177,24 @@ class Context:
 
 def nr(ctx: Context, result: dict, name: str, *args: str) -> subprocess.CompletedProcess:
     """Run `nr ARGS` as a subprocess, stream its output into the log, record it; raise on failure."""
+    return run_streamed(ctx, result, name, [sys.executable, "-c", NR, *args], shown=["nr", *args], cwd=ctx.work)
+
+
+def run_streamed(ctx: Context, result: dict, name: str, argv: list[str], *, shown: list[str],
+                 cwd: Path) -> subprocess.CompletedProcess:
+    """Run argv, stream its output into the log, record it in result["commands"]; raise on failure."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     if ctx.smoke:
         env["OMP_NUM_THREADS"] = "1"  # see main: tiny ops on a shared CPU
     timeout = ctx.left()
     if timeout <= 0:  # an unfinished crash check passes nothing
-        raise SectionFailed(f"the section's time budget was spent before `nr {shlex.join(args)}`")
-    ctx.log(f"$ nr {shlex.join(args)}")
+        raise SectionFailed(f"the section's time budget was spent before `{shlex.join(shown)}`")
+    ctx.log(f"$ {shlex.join(shown)}")
     started = time.monotonic()
     lines: list[str] = []
-    process = subprocess.Popen([sys.executable, "-c", NR, *args], cwd=ctx.work, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace")
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               errors="replace")
 
     def stream() -> None:
         for line in process.stdout:
@@ -202,12 +211,12 @@ def nr(ctx: Context, result: dict, name: str, *args: str) -> subprocess.Complete
         lines.append(f"killed after {timeout:.0f} s (the section's time budget)")
     reader.join(timeout=10)
     seconds = time.monotonic() - started
-    result["commands"].append({"name": name, "argv": ["nr", *args], "returncode": returncode, "seconds": seconds})
+    result["commands"].append({"name": name, "argv": shown, "returncode": returncode, "seconds": seconds})
     ctx.log(f"  ({name}: exit {returncode}, {seconds:.1f} s)")
     if returncode != 0:
         tail = "\n".join(lines[-15:])
-        raise SectionFailed(f"`nr {shlex.join(args)}` exited {returncode}:\n{tail}")
-    return subprocess.CompletedProcess(args, returncode, "\n".join(lines))
+        raise SectionFailed(f"`{shlex.join(shown)}` exited {returncode}:\n{tail}", result)
+    return subprocess.CompletedProcess(argv, returncode, "\n".join(lines))
 
 
 def write_catalog(ctx: Context, root: Path) -> dict:
@@ -365,8 +374,32 @@ def section_encode(ctx: Context) -> dict:
     return result
 
 
+# the tests that need CUDA (they skip on a CPU): the varlen/flex kernels against the masked reference,
+# a compiled bf16 training step without graph breaks, pinned-memory batches
+CUDA_TESTS = ("tests/test_gpu_path.py::test_cuda_backends_match_the_masked_reference_in_bf16",
+              "tests/test_gpu_path.py::test_cuda_compiled_training_step_in_bf16_has_no_graph_break_and_one_graph",
+              "tests/test_loader.py::test_pinned_batches_equal_the_plain_ones")
+
+
+def section_tests(ctx: Context) -> dict:
+    result: dict[str, Any] = {"commands": [], "tests": list(CUDA_TESTS)}
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    if ctx.device.type != "cuda":
+        argv.append("--collect-only")  # on a CPU they would only skip: check that they still exist
+    done = run_streamed(ctx, result, "pytest", argv, shown=["pytest", *argv[3:]], cwd=ROOT)
+    result["summary"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if ctx.device.type == "cuda" and " skipped" in result["summary"]:
+        # flash-attn is optional; anything else skipping on a GPU means the check did not check it
+        skipped = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")
+                   and "flash-attn is not installed" not in line]
+        if skipped:
+            raise SectionFailed("CUDA tests skipped on the GPU:\n" + "\n".join(skipped), result)
+    return result
+
+
 SECTION_FUNCTIONS: dict[str, Callable[[Context], dict]] = {
-    "cli": section_cli, "train": section_train, "sample": section_sample, "encode": section_encode}
+    "cli": section_cli, "train": section_train, "sample": section_sample, "encode": section_encode,
+    "tests": section_tests}
 
 
 # -- the run ----------------------------------------------------------------------------------------
