@@ -9,8 +9,10 @@ loader, export, the inspect commands) goes through `Catalog.index_parts`, which 
 parts' footers (no rows read) together with the shard files the parts point at, and refuses a
 catalog where a part was copied, deleted or truncated, or a shard is missing or has another size
 than was committed, with a `CatalogIntegrityError` that names the file. Damage inside a shard that
-keeps its size is found by the per-row checksums (`Catalog.latent(verify=True)`, the loader,
-`nr catalog validate`).
+keeps its size is found by the checksums: the index's CRC-32 of each row (latent, then twin,
+chained) and the shard's CRC-32 of each half (`ShardView.row_intact`, `Catalog.latent(verify=True)`,
+the loader, `nr catalog validate`). The manifest's normalisation is a copy of the statistics the
+index parts carry; `normalization_problem` says when it is not.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Full consistency check of a catalog: manifest against index against shards against checksums."""
+"""Full consistency check of a catalog: manifest against index against shards against checksums, and
+the manifest's normalisation against the shards' own statistics."""
 
 from __future__ import annotations
 
