@@ -164,6 +164,7 @@ def demo(
         done = 0
     if done < train_config.steps:
         train_config.resume = done > 0
+        train_config.overwrite = done == 0  # what a run stopped before its first checkpoint left is redone
         with Progress(TextColumn("[bold]5. train[/bold]"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("train", total=train_config.steps, completed=done, loss="")
@@ -292,6 +293,11 @@ def encode(
                   f"{summary.ray.get('actors', 0)} encoder actor(s))")
     console.print(f"catalog: {summary.catalog}  (nr catalog info {summary.catalog}; "
                   f"nr catalog errors {summary.catalog})", soft_wrap=True)
+    if summary.items and summary.encoded == 0 and summary.skipped == 0:
+        # every image failed: a catalog without rows is not a result (pack and train would refuse it later)
+        err_console.print(f"[red]error:[/red] none of the {summary.items} images of {source} was encoded "
+                          f"({summary.failed} error rows); see why with `nr catalog errors {summary.catalog}`")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -325,28 +331,43 @@ def pack(
 
     from nrdata.packing import packing_report, plot_packing, write_nit_sampler_meta
     from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result
+    from nrdata.packing.packs_file import PacksLockedError, PackWriteError, pack_outputs
 
+    for name, value in (("--epochs", epochs), ("--ranks", ranks)):
+        if value < 1:
+            err_console.print(f"[red]error:[/red] {name} {value}: must be >= 1")
+            raise typer.Exit(2)
+    report_path, png_path = out.with_suffix(".report.json"), out.with_suffix(".png")
     try:
-        result = pack_catalogs(catalogs, max_tokens=max_tokens, algorithm=algorithm, patch_size=patch_size,
-                               variants=variant, max_images=max_images, seed=seed, epochs=epochs,
-                               world_size=ranks, on_too_long="drop" if drop_too_long else "error")
-        if nit_json:  # before anything is written: refused packs leave no files behind
-            from nrdata.interop.nit import pack_sampler_meta
+        # the lock is taken first, so a second `nr pack` to the same --out is refused before it packs
+        with pack_outputs(out) as outputs:
+            result = pack_catalogs(catalogs, max_tokens=max_tokens, algorithm=algorithm, patch_size=patch_size,
+                                   variants=variant, max_images=max_images, seed=seed, epochs=epochs,
+                                   world_size=ranks, on_too_long="drop" if drop_too_long else "error")
+            if result.packings[0].n_items == 0:
+                where = ", ".join(map(str, catalogs)) + (f" (variants {', '.join(variant)})" if variant else "")
+                why = ("every row is longer than --max-tokens" if len(result.selection.lengths)
+                       else "there are no rows")
+                raise ValueError(f"nothing to pack in {where}: {why}; see why images failed with `nr catalog "
+                                 f"errors CATALOG`, or raise --max-tokens")
+            if nit_json:  # before anything is written: refused packs leave no files behind
+                from nrdata.interop.nit import pack_sampler_meta
 
-            nit_packs = pack_sampler_meta(result.packings[0], result.metadata)
-    except ValueError as exc:
+                nit_packs = pack_sampler_meta(result.packings[0], result.metadata)
+            report = packing_report(result.packings[0], result.ranks[0])
+            summary = {"packs_file": str(out), **result.metadata, "epoch0": report.as_dict()}
+            outputs.write(out, lambda tmp: write_pack_result(tmp, result))
+            outputs.write(report_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+            outputs.write(png_path, lambda tmp: plot_packing(tmp, result.packings[0], result.selection.lengths))
+            if nit_json:
+                outputs.write(nit_json, lambda tmp: write_nit_sampler_meta(tmp, nit_packs))
+    except (ValueError, PacksLockedError, PackWriteError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    write_pack_result(out, result)
-    report = packing_report(result.packings[0], result.ranks[0])
-    png = plot_packing(out.with_suffix(".png"), result.packings[0], result.selection.lengths)
-    summary = {"packs_file": str(out), **result.metadata, "epoch0": report.as_dict()}
-    out.with_suffix(".report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        raise typer.Exit(1 if isinstance(exc, PackWriteError) else 2) from None
     console.print(report.format(), soft_wrap=True)
     console.print(f"{len(result.selection.lengths):,} rows from {len(catalogs)} catalog(s), {epochs} epoch(s) -> {out}")
-    console.print(f"report: {out.with_suffix('.report.json')}, plot: {png}")
+    console.print(f"report: {report_path}, plot: {png_path}")
     if nit_json:
-        write_nit_sampler_meta(nit_json, nit_packs)
         console.print(f"NiT sampler-meta (epoch 0): {nit_json}")
 
 
@@ -361,6 +382,8 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh in an --out that holds a run: its checkpoints, "
+                                                 "metrics and TensorBoard logs are deleted first.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set ema_decay=0.999, "
                                                       "--set repa_encoder=radio.pt (repeatable).",
                                                       show_default=False)] = None,
@@ -374,16 +397,22 @@ def train(
     Writes config.json, metrics.jsonl, TensorBoard logs, loss.png and checkpoints/step-*/ to --out.
     """
     from nrdata.packing.catalog_packs import PacksMismatchError
-    from nrtrain.checkpoint import CheckpointMismatchError
+    from nrtrain.checkpoint import CheckpointMismatchError, CheckpointWriteError
     from nrtrain.train import NonFiniteLossError, load_config, parse_override
     from nrtrain.train import train as run_training
 
-    overrides = dict(parse_override(item) for item in set_ or [])
+    try:
+        overrides = dict(parse_override(item) for item in set_ or [])
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
     for key, value in (("packs", packs), ("out", out), ("model", model), ("steps", steps), ("lr", lr)):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
     if resume:
         overrides["resume"] = True
+    if overwrite:
+        overrides["overwrite"] = True
     try:
         cfg = load_config(config, overrides)
         if not cfg.packs:
@@ -404,8 +433,12 @@ def train(
     except (ValueError, FileNotFoundError, CheckpointMismatchError, PacksMismatchError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
         err_console.print(f"[red]stopped:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a run folder that cannot be written (read-only, disk full): one line
+        err_console.print(f"[red]error:[/red] {exc.filename or out or 'the run folder'}: {exc.strerror or exc}; "
+                          "check that --out is writable and has free space, then run again")
         raise typer.Exit(1) from None
     except RuntimeError as exc:  # a Ray Train run that failed otherwise: one line, not Ray's traceback
         from rich.markup import escape
@@ -416,7 +449,10 @@ def train(
             raise
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    if summary.checkpoint:
+    if summary.steps == 0:
+        console.print(f"nothing to do: the run in {cfg.out} is already at step {summary.final_step} (--steps "
+                      f"{cfg.steps}); pass a larger --steps to train further")
+    elif summary.checkpoint:
         console.print(f"{summary.steps} steps in {summary.seconds:.0f} s; checkpoint {summary.checkpoint}")
 
 
@@ -499,6 +535,10 @@ def sample(
         except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
+        except OSError as exc:  # an output folder that cannot be written (read-only, disk full)
+            err_console.print(f"[red]error:[/red] {exc.filename or out}: {exc.strerror or exc}; check that --out "
+                              "is writable and has free space, then run again (samples already made are kept)")
+            raise typer.Exit(1) from None
     if not ddp.main:
         return
     s = summary.sampler

@@ -4,7 +4,9 @@
         model.safetensors   the trained weights (NiT key names)
         ema.safetensors     the EMA weights, what sampling uses
         state.pt            optimizer, scheduler, step, loader cursor, RNG states (for --resume)
-        run.json            the resolved config, the model config, and the data identity
+        run.json            the resolved config, the model config, the data identity, and the
+                            checksums: sha256 and size of every other file, and of run.json's own
+                            content (its keys less "checksums", as canonical JSON)
     run/checkpoints/latest  the name of the last complete checkpoint
 
 A checkpoint is written into a temporary folder and renamed when complete, then `latest` is
@@ -14,6 +16,11 @@ being renamed to a hidden `.del-` name before they are deleted. Re-saving a step
 re-run after a resume) first points `latest` at a hard-linked copy of the old folder (`.old-`), so
 `latest` names a complete checkpoint at every instant; the next save cleans up what a crash left.
 
+The checksums are written when the files are, and checked before a resume or a sample reads them,
+so a flipped bit or a truncated file is named (with the newest other checkpoint that verifies)
+instead of training or sampling from garbage. Checkpoints written before checksums existed load
+without the check; a file of theirs that cannot be parsed is still named.
+
 The data identity is what `nr train --resume` and `nr sample` check a catalog against: encoder,
 factor, channels, stored quantity, normalisation statistics, and the largest training size (the
 sampler's RoPE extrapolation starts there).
@@ -21,6 +28,7 @@ sampler's RoPE extrapolation starts there).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nrdata.catalog.atomic import atomic_write_bytes, fsync_path
@@ -41,10 +50,21 @@ STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 BACKUP_PREFIX = ".old-"
 DISCARD_PREFIX = ".del-"
+RUN_INFO = "run.json"
+CHECKSUMS_KEY = "checksums"
+HASH_CHUNK = 1 << 22
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint and the data (or config) it is used with do not belong together."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint file differs from what was saved (flipped bits, truncation) or cannot be parsed."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only folder); nothing partial was kept."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -86,39 +106,88 @@ def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,
                     state: dict[str, Any], run_info: dict[str, Any], keep: int | None = None) -> Path:
-    """Write checkpoint `step` completely, then point `latest` at it. Returns its folder."""
+    """Write checkpoint `step` completely, then point `latest` at it. Returns its folder.
+
+    A failed write (CheckpointWriteError, naming the file) removes what it had written, so the
+    folder holds the checkpoints it held before and `latest` still names a complete one."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_cpu_state(model), str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(_cpu_state(ema), str(tmp / "ema.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=2, default=str) + "\n")
-    for path in tmp.iterdir():
-        fsync_path(path)
-    fsync_path(tmp)
-    if final.exists():  # a re-run of the same step after a resume: replace it whole
-        # `latest` may name `final`; it must name a complete folder while `final` is away
-        backup = root / _hidden_name(BACKUP_PREFIX, final.name)
-        shutil.copytree(final, backup, copy_function=_link_or_copy)
-        fsync_path(backup)
+    writing = root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        writing = tmp / "model.safetensors"
+        save_file(_cpu_state(model), str(writing))
+        if ema is not None:
+            writing = tmp / "ema.safetensors"
+            save_file(_cpu_state(ema), str(writing))
+        writing = tmp / "state.pt"
+        torch.save(state, writing)
+        writing = tmp / RUN_INFO
+        # hashed from the files as written: a later change to any byte of them is caught at load time
+        files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.iterdir()) if p.name != RUN_INFO}
+        info = json.loads(json.dumps({**run_info, "step": step}, default=str))
+        info[CHECKSUMS_KEY] = {"algorithm": "sha256", "files": files, RUN_INFO: _run_info_sha256(info)}
+        writing.write_text(json.dumps(info, indent=2) + "\n")
+        for path in tmp.iterdir():
+            fsync_path(path)
+        fsync_path(tmp)
+        writing = final
+        if final.exists():  # a re-run of the same step after a resume: replace it whole
+            # `latest` may name `final`; it must name a complete folder while `final` is away
+            backup = root / _hidden_name(BACKUP_PREFIX, final.name)
+            shutil.copytree(final, backup, copy_function=_link_or_copy)
+            fsync_path(backup)
+            fsync_path(root)
+            if _latest_name(root) == final.name:
+                _point_latest(root, backup.name)
+            _discard(final)
+        tmp.rename(final)
         fsync_path(root)
-        if _latest_name(root) == final.name:
-            _point_latest(root, backup.name)
-        _discard(final)
-    tmp.rename(final)
-    fsync_path(root)
-    _point_latest(root, final.name)
+        writing = root / LATEST
+        _point_latest(root, final.name)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
+        if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+            raise
+        _remove_temporaries(root, tmp)
+        shown = final / writing.name if writing.parent == tmp else writing
+        named = _latest_name(root) if root.is_dir() else None
+        then = ("continue with --resume" if named else
+                "start the run again with --overwrite (it has no checkpoint to resume from)")
+        raise CheckpointWriteError(
+            f"cannot write checkpoint file {shown}: {_reason(exc)}; the partial files were removed and "
+            f"{root / LATEST} names {root / named if named else 'no checkpoint yet'}. Free space or make "
+            f"{root} writable, then {then}") from exc
     _clean_leftovers(root)
     if keep:
         for old in sorted(root.glob(f"{STEP_PREFIX}*"))[:-keep]:
             if old != final:
                 _discard(old)
     return final
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc.__cause__ or exc.__context__, OSError) or any(
+        word in text for word in ("no space", "read-only", "permission", "file write failed", "errno"))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _remove_temporaries(root: Path, tmp: Path) -> None:
+    """What a failed save leaves: its folder being written, and a `latest` that was never put in place."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in root.glob(f"{TMP_PREFIX}*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
 
 
 def _hidden_name(prefix: str, name: str) -> str:
@@ -185,45 +254,169 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from itself, a run folder, or a run's checkpoints folder (via `latest`)."""
     path = Path(path)
-    if (path / "run.json").is_file():
+    if (path / RUN_INFO).is_file():
         return path
     for root in (path / "checkpoints", path):
         latest = root / LATEST
         if latest.is_file():
             found = root / latest.read_text().strip()
-            if (found / "run.json").is_file():
+            if (found / RUN_INFO).is_file():
                 return found
-            complete = [p for p in sorted(root.glob(f"{STEP_PREFIX}*")) if (p / "run.json").is_file()]
+            complete = [p for p in sorted(root.glob(f"{STEP_PREFIX}*")) if (p / RUN_INFO).is_file()]
             hint = (f"the newest complete one there is {complete[-1]}: pass it, or write "
                     f"'{complete[-1].name}' into {latest}" if complete else
                     "no complete step-* folder is left there; start a new run")
             raise FileNotFoundError(f"{latest} names {found.name}, which is not a complete checkpoint "
-                                    f"(no {found / 'run.json'}); {hint}")
+                                    f"(no {found / RUN_INFO}); {hint}")
     raise FileNotFoundError(f"{path}: no checkpoint here (expected a folder with run.json, or a run folder "
                             f"with checkpoints/{LATEST})")
 
 
-def read_run_info(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((resolve_checkpoint(checkpoint) / "run.json").read_text())
+# -- checksums ---------------------------------------------------------------------------------------
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def load_weights(checkpoint: str | Path, *, ema: bool = True) -> dict[str, torch.Tensor]:
+def _run_info_sha256(info: dict[str, Any]) -> str:
+    """run.json's own checksum: its content less the checksums, as canonical JSON (a JSON round trip
+    of parsed values is exact, so indentation and key order do not matter)."""
+    rest = {k: v for k, v in info.items() if k != CHECKSUMS_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _parse_run_info(folder: Path, use: str) -> dict[str, Any]:
+    path = folder / RUN_INFO
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointDamagedError(_damaged(path, f"cannot be parsed ({exc})", use)) from None
+    sums = info.get(CHECKSUMS_KEY)
+    if sums is not None and (not isinstance(sums, dict) or sums.get(RUN_INFO) != _run_info_sha256(info)):
+        raise CheckpointDamagedError(_damaged(path, "does not match the hash written when it was saved (damaged, or "
+                                                    f"edited by hand: then delete its \"{RUN_INFO}\" entry under "
+                                                    f"\"{CHECKSUMS_KEY}\")", use))
+    return info
+
+
+def checkpoint_files(info: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """{file name: {sha256, bytes}} recorded in a run.json; None for a checkpoint saved without them."""
+    sums = info.get(CHECKSUMS_KEY)
+    return sums.get("files") if isinstance(sums, dict) else None
+
+
+def verify_checkpoint(checkpoint: str | Path, names: list[str] | None = None, *, use: str = "resume",
+                      digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """Check run.json and the files `names` (default: every file recorded) against the checksums
+    written at save time; returns the run info. `digests` are sha256s already computed by the caller
+    (one read of a file serves both the check and its provenance). Raises CheckpointDamagedError
+    naming the file and the newest other checkpoint that verifies. `use`: "resume" or "sample", for
+    the hint. A checkpoint saved without checksums passes unchecked."""
     folder = resolve_checkpoint(checkpoint)
-    name = "ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
-    return load_file(str(folder / name))
+    info = _parse_run_info(folder, use)
+    recorded = checkpoint_files(info)
+    if recorded is None:
+        return info
+    for name in names if names is not None else sorted(recorded):
+        problem = _file_problem(folder / name, recorded.get(name), (digests or {}).get(name))
+        if problem:
+            raise CheckpointDamagedError(_damaged(folder / name, problem, use))
+    return info
+
+
+def _file_problem(path: Path, record: dict[str, Any] | None, digest: str | None) -> str | None:
+    if record is None:
+        return None  # not recorded: an optional file (ema) the save did not write
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        return (f"is {size:,} bytes but was {record.get('bytes'):,} when saved: it does not match what was written "
+                "(truncated or damaged)")
+    if (digest or file_sha256(path)) != record.get("sha256"):
+        return "does not match the hash written when it was saved (damaged or truncated)"
+    return None
+
+
+def previous_good_checkpoint(damaged: Path, names: list[str] | None = None) -> Path | None:
+    """The newest other complete step folder next to `damaged` whose files verify (or that was saved
+    without checksums and whose run.json parses): what to use instead."""
+    damaged = Path(damaged)
+    root = damaged.parent
+    for folder in sorted(root.glob(f"{STEP_PREFIX}*"), reverse=True):
+        if folder == damaged or not (folder / RUN_INFO).is_file():
+            continue
+        try:
+            info = _parse_run_info(folder, "resume")
+            recorded = checkpoint_files(info) or {}
+            wanted = names if names is not None else sorted(recorded)
+            if any(_file_problem(folder / n, recorded.get(n), None) for n in wanted):
+                continue
+        except (CheckpointDamagedError, OSError):
+            continue
+        return folder
+    return None
+
+
+def _damaged(path: Path, problem: str, use: str) -> str:
+    folder = path.parent
+    needed = ["model.safetensors", "ema.safetensors", "state.pt"] if use == "resume" else None
+    good = previous_good_checkpoint(folder, needed)
+    if good is None:
+        instead = "no other checkpoint there verifies: restore the file from a copy, or start a new run"
+    elif use == "sample":
+        instead = f"sample from {good} instead, or restore the file"
+    else:
+        instead = (f"resume from {good} (write '{good.name}' into {good.parent / LATEST}) or restore the file")
+    return f"{path} {problem}; {instead}"
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+def read_run_info(checkpoint: str | Path) -> dict[str, Any]:
+    folder = resolve_checkpoint(checkpoint)
+    return _parse_run_info(folder, "resume")
+
+
+def weights_file(checkpoint: str | Path, *, ema: bool = True) -> Path:
+    """The safetensors file a load with `ema` reads (EMA weights when saved and asked for)."""
+    folder = resolve_checkpoint(checkpoint)
+    return folder / ("ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "model.safetensors")
+
+
+def load_weights(checkpoint: str | Path, *, ema: bool = True, use: str = "resume") -> dict[str, torch.Tensor]:
+    path = weights_file(checkpoint, ema=ema)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:  # a file cut short or overwritten, unchecked
+        raise CheckpointDamagedError(_damaged(path, f"cannot be read ({_reason(exc)}; damaged or truncated)",
+                                              use)) from None
 
 
 def load_model(checkpoint: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
-               **overrides) -> tuple[torch.nn.Module, dict[str, Any]]:
+               use: str = "sample", **overrides) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The NiT of a checkpoint (EMA weights by default) in eval mode, and its run info."""
     from nrtrain.model import NiT, NiTConfig
 
     info = read_run_info(checkpoint)
     config = NiTConfig(**{**info["model"], **overrides})
     model = NiT.from_config(config)
-    model.load_state_dict(load_weights(checkpoint, ema=ema), strict=True)
+    model.load_state_dict(load_weights(checkpoint, ema=ema, use=use), strict=True)
     return model.to(device).eval(), info
 
 
 def load_training_state(checkpoint: str | Path) -> dict[str, Any]:
-    return torch.load(resolve_checkpoint(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
+    path = resolve_checkpoint(checkpoint) / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling a cut-short file fails in many ways (EOFError, RuntimeError, ...)
+        raise CheckpointDamagedError(_damaged(path, f"cannot be read ({type(exc).__name__}: {_reason(exc)}; "
+                                                    "damaged or truncated)", "resume")) from None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
-import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from nrdata.version import code_version
-from nrtrain.checkpoint import (CheckpointMismatchError, check_data_identity, data_identity, load_model,
-                                read_run_info, resolve_checkpoint)
+from nrtrain.checkpoint import (CheckpointMismatchError, check_data_identity, checkpoint_files, data_identity,
+                                file_sha256, load_model, resolve_checkpoint, verify_checkpoint)
 from nrtrain.packed import unpatchify
 from nrtrain.rope import RopeExtrapolation
 from nrtrain.sample_outputs import (read_provenance, remove_temporaries, sample_done, sample_path, write_grid,
                                     write_npz, write_png, write_provenance)
-from nrtrain.sample_plan import (SAMPLE_PRESETS, SamplePlan, SampleRequest, SizeChoice, plan_samples,
-                                 resolve_sampler)
+from nrtrain.sample_plan import (SAMPLE_PRESETS, SamplePlan, SampleRequest, SizeChoice, check_sampling_memory,
+                                 plan_samples, resolve_sampler, sampling_bytes)
 from nrtrain.transport import ImageNoise, SamplerConfig, noise_pack, sample
 
 PROVENANCE_FORMAT = "nr-samples/1"
@@ -148,13 +148,15 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     checkpoint's largest training size. `catalogs`, when given, are checked against the checkpoint's
     data identity. `encoder` replaces the one the checkpoint names (e.g. one already loaded), and
     `encoder_source` the place its weights load from. Ranks own every `world_size`-th sample.
-    Bad requests raise ValueError (CheckpointMismatchError for a foreign catalog) before any work.
+    Bad requests raise ValueError (CheckpointMismatchError for a foreign catalog, CheckpointDamagedError
+    for weights or a run.json that differ from what was saved) before any work; so does a size whose
+    working set exceeds the memory available (a batch that does not fit is made smaller, with a warning).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     device = torch.device(device)
     folder = resolve_checkpoint(checkpoint)
-    info = read_run_info(folder)
+    info = verify_checkpoint(folder, [], use="sample")  # run.json alone here; the weights below
     data = _data_identity(info, folder)
     model_config = info["model"]
     patch_size, channels = int(model_config["patch_size"]), int(model_config["in_channels"])
@@ -180,9 +182,15 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
     nfe, guided_nfe = count_evaluations(sampler)
-    weights_name = "ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
+    batch_sizes = _batch_sizes(plan, model_config, patch_size * patch_size * channels, model_dtype, sampler,
+                               batch_size, device)
+    saved_ema = (folder / "ema.safetensors").is_file() or "ema.safetensors" in (checkpoint_files(info) or {})
+    weights_name = "ema.safetensors" if ema and saved_ema else "model.safetensors"  # a lost EMA is named below
+    # one read of the weights gives both the provenance hash and the check against the saved one
+    weights_sha256 = file_sha256(folder / weights_name) if (folder / weights_name).is_file() else None
+    verify_checkpoint(folder, [weights_name], use="sample", digests={weights_name: weights_sha256 or ""})
     settings = {
-        "checkpoint_sha256": _file_sha256(folder / weights_name), "weights": weights_name,
+        "checkpoint_sha256": weights_sha256, "weights": weights_name,
         "sampler": {**dataclasses.asdict(sampler), "cfg_interval": list(sampler.cfg_interval)},
         "integration_dtype": str(integration_dtype).removeprefix("torch."),
         "model_dtype": str(model_dtype).removeprefix("torch."),
@@ -196,6 +204,8 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     todo = [(k, j) for k, j in work if not sample_done(sample_path(out_dir, plan.sizes[k].name, j))]
     warnings = [f"size {s.requested[0]}x{s.requested[1]} is not a multiple of {plan.unit} px; sampling at {s.name}"
                 for s in plan.sizes if s.rounded]
+    warnings += [f"size {s.name}: {b} images per model call instead of {batch_size}, to fit in memory"
+                 for s, b in zip(plan.sizes, batch_sizes) if b < batch_size and len(plan.indices) > b]
     model = decoder = None
     if todo and encoder is None:  # a run with nothing left to make (only the npz to write) loads no weights
         encoder = _load_encoder(saved_encoder, encoder_source, device)
@@ -228,8 +238,8 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     for k, size in enumerate(plan.sizes):
         pending = [j for kk, j in todo if kk == k]
         velocity = functools.partial(model, extrapolation=rope) if outcomes[k].extrapolated else model
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+        for start in range(0, len(pending), batch_sizes[k]):
+            batch = pending[start:start + batch_sizes[k]]
             tokens, calls = _sample_batch(velocity, model, plan, size, batch, sampler, model_dtype,
                                           integration_dtype, device)
             finite = torch.isfinite(tokens).view(len(batch), -1).all(dim=1).tolist()
@@ -393,12 +403,39 @@ def _check_resumable(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] 
     return previous
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _batch_sizes(plan: SamplePlan, model_config: dict[str, Any], token_dim: int, model_dtype: torch.dtype,
+                 sampler: SamplerConfig, batch_size: int, device: torch.device) -> list[int]:
+    """Images per model call for each size: `batch_size`, or fewer where that would not fit in memory.
+    Refuses (ValueError) a size of which one image does not fit, before any weights load."""
+    available = available_memory(device)
+    model_bytes = torch.finfo(model_dtype).bits // 8
+    sizes = []
+    for size in plan.sizes:
+        per_image = sampling_bytes(size.tokens[0] * size.tokens[1], token_dim=token_dim,
+                                   hidden=int(model_config["hidden"]),
+                                   mlp_ratio=float(model_config.get("mlp_ratio", 4.0)), model_bytes=model_bytes,
+                                   unit=plan.unit, guided=sampler.cfg_scale > 1)
+        sizes.append(check_sampling_memory(size, per_image=per_image, available=available, batch_size=batch_size,
+                                           where=str(device)))
+    return sizes
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a sampling run may use on `device`: most of what is free now (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.9 * free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(0.9 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        return int(0.9 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _now() -> str:

@@ -28,6 +28,10 @@ from nrtrain.transport.solvers import SOLVERS
 # tags the label stream apart from the solvers' noise streams of the same seed
 _LABEL_STREAM = 0x6C61626C  # "labl"
 RANDOM_CLASSES = "random"
+# 2048 x 2048 tokens (65536 px a side at f32): far beyond any trained size, and a bound that stops a
+# typo such as 100000x100000 before it asks for terabytes
+MAX_TOKENS_PER_IMAGE = 1 << 22
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -215,3 +219,36 @@ def _count(request: SampleRequest, classes, num_classes: int) -> int:
     if request.count < 1:
         raise ValueError(f"count must be >= 1, got {request.count}")
     return request.count
+
+
+def sampling_bytes(tokens: int, *, token_dim: int, hidden: int, mlp_ratio: float, model_bytes: int, unit: int,
+                   guided: bool = True) -> int:
+    """A rough working set of sampling one image of `tokens` tokens, in bytes (linear in the tokens).
+
+    The float32 start noise, the float64 state with the solver's velocities and temporaries (Heun
+    holds two), one forward's widest activations per token (residual, qkv, MLP) in the model's
+    dtype, doubled for the guided pack, and the decoded float image. Attention kernels that keep a
+    tokens² matrix (CPU math SDPA) need more; this is a floor that refuses the impossible early."""
+    noise_and_state = token_dim * (4 + 5 * 8)
+    forward = (2 if guided else 1) * hidden * model_bytes * (4 + mlp_ratio)
+    decoded = unit * unit * 3 * 4
+    return int(tokens * (noise_and_state + forward + decoded))
+
+
+def check_sampling_memory(size: SizeChoice, *, per_image: int, available: int | None, batch_size: int,
+                          where: str) -> int:
+    """The batch size this size can run at (<= batch_size); ValueError naming the size and the limit
+    when one image is above MAX_TOKENS_PER_IMAGE or does not fit in `available` bytes."""
+    tokens = size.tokens[0] * size.tokens[1]
+    label = f"size {size.requested[0]}x{size.requested[1]}"
+    if tokens > MAX_TOKENS_PER_IMAGE:
+        raise ValueError(f"{label} is {size.tokens[0]}x{size.tokens[1]} = {tokens:,} tokens per image, above the "
+                         f"limit of {MAX_TOKENS_PER_IMAGE:,} tokens (sampling one would need about "
+                         f"{per_image / GIB:,.0f} GiB); choose a smaller --size")
+    if available is not None and per_image > available:
+        raise ValueError(f"{label} ({tokens:,} tokens per image) needs about {per_image / GIB:,.1f} GiB to sample "
+                         f"one image, more than the {available / GIB:,.1f} GiB available on {where}; choose a "
+                         "smaller --size")
+    if available is None:
+        return batch_size
+    return max(1, min(batch_size, available // max(1, per_image)))

@@ -16,8 +16,13 @@ import copy
 import functools
 import json
 import math
+import numbers
 import os
+import shutil
 import time
+import types
+import typing
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,9 +31,10 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 import torch.distributed as dist
 
+from nrdata.catalog.atomic import atomic_write_bytes
 from nrdata.version import code_version
 from nrtrain.checkpoint import (check_data_identity, data_identity, load_training_state, load_weights,
-                                read_run_info, resolve_checkpoint, save_checkpoint)
+                                resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
@@ -84,9 +90,10 @@ class TrainConfig:
     keep_checkpoints: int | None = 3
     tensorboard: bool = True
     resume: bool = False
+    overwrite: bool = False  # start afresh in an out folder that holds a run: its outputs are deleted first
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        _check_types(self)
         checks = {
             "schedule": (self.schedule in ("constant", "cosine"), "constant or cosine"),
             "reduction": (self.reduction in ("image", "token"), "image or token"),
@@ -94,10 +101,79 @@ class TrainConfig:
             "steps": (self.steps >= 1, ">= 1"), "grad_accum": (self.grad_accum >= 1, ">= 1"),
             "ckpt_every": (self.ckpt_every >= 1, ">= 1"), "log_every": (self.log_every >= 1, ">= 1"),
             "repa_weight": (self.repa_encoder is None or self.repa_weight > 0, "> 0 when repa_encoder is set"),
+            "overwrite": (not (self.overwrite and self.resume), "false with resume (one continues the run in out, "
+                          "the other deletes it)"),
         }
         for name, (ok, wanted) in checks.items():
             if not ok:
                 raise ValueError(f"config {name} = {getattr(self, name)!r}: must be {wanted}")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Every field holds a value of its declared type (a TOML file or `--set key=value` gives anything);
+    numbers are converted (an int where a float is declared, a whole float where an int is)."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        try:
+            setattr(config, spec.name, _as_type(value, _field_types()[spec.name]))
+        except TypeError as exc:
+            raise ValueError(f"config {spec.name} = {value!r}: must be {exc}") from None
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)  # the annotations are strings (postponed evaluation)
+
+
+def _as_type(value: Any, hint: Any) -> Any:
+    """`value` as `hint` (bool, int, float, str, X | None, list[X], tuple[X, ...]); TypeError(what it must be)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        try:
+            return _as_type(value, inner)
+        except TypeError as exc:
+            raise TypeError(f"{exc} or unset") from None
+    if origin in (list, tuple):
+        wanted = _describe(hint)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(wanted)
+        variadic = origin is list or args[-1] is Ellipsis
+        if not variadic and len(value) != len(args):
+            raise TypeError(wanted)
+        try:
+            items = [_as_type(v, t) for v, t in zip(value, [args[0]] * len(value) if variadic else args)]
+        except TypeError:
+            raise TypeError(wanted) from None
+        return items if origin is list else tuple(items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    else:
+        return value
+    raise TypeError(_describe(hint))
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,6 +220,101 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+# -- the run folder ---------------------------------------------------------------------------------
+
+# what `train` writes into its out folder; any of them there means a run was started in it
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "loss.png")
+
+
+def previous_run(out: Path) -> list[str]:
+    """The outputs of an earlier run present in `out`, by name."""
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def check_run_folder(out: Path, config: TrainConfig) -> None:
+    """Refuse to start a run where another one lives (their checkpoints and metrics would mix) unless
+    the config resumes it or overwrites it."""
+    found = previous_run(out)
+    if not found or config.resume or config.overwrite:
+        return
+    try:
+        checkpoint = resolve_checkpoint(out)
+    except FileNotFoundError:
+        checkpoint = None
+    if checkpoint is not None:
+        what = f"continue it from {checkpoint} with --resume, or start over with --overwrite"
+    else:
+        what = "it has no checkpoint to resume from: start over with --overwrite"
+    raise ValueError(f"{out} already holds a run ({', '.join(found)}); {what} (deletes its checkpoints, metrics "
+                     "and TensorBoard logs), or choose another --out")
+
+
+def remove_previous_run(out: Path) -> list[str]:
+    """Delete an earlier run's outputs (for `overwrite`); each is renamed aside first, so a crash midway
+    never leaves a half-deleted checkpoints folder that looks like a run. Returns what was removed."""
+    found = previous_run(out)
+    for name in found:
+        doomed = out / f".overwritten-{uuid.uuid4().hex[:8]}-{name}"
+        (out / name).rename(doomed)
+        if doomed.is_dir():
+            shutil.rmtree(doomed)
+        else:
+            doomed.unlink()
+    return found
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Keep the metrics records up to `step` (the checkpoint a resume starts from), so the steps the
+    resumed run logs again are not there twice; a line cut short by a crash goes too. Atomic."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+def check_has_rows(packs: str) -> None:
+    """Refuse packs without a single pack, or built from catalogs without rows, in one clear line
+    (from the packs file's footer alone)."""
+    from nrdata.packing.packs_file import packs_summary
+
+    if not Path(packs).is_file():
+        return  # the loader says how to make one
+    packs_count, catalogs = packs_summary(packs)
+    empty = [c.get("path", "?") for c in catalogs if c.get("rows") == 0]
+    if catalogs and len(empty) == len(catalogs):
+        raise ValueError(f"{packs}: its catalog{'s' if len(empty) > 1 else ''} {', '.join(empty)} had no rows when "
+                         "packed, so there is nothing to train on; see why images failed with `nr catalog errors "
+                         "CATALOG`, fix or encode them, then `nr pack` again")
+    if packs_count == 0:
+        raise ValueError(f"{packs}: the packs file holds no packs (no rows to train on); `nr pack` the catalogs "
+                         "again and check its report")
+
+
+def preflight(out: Path, config: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checks a run makes before reading data: the out folder, the packs, and (resuming) the
+    checkpoint's files against their hashes and its step against config.steps. Returns the checkpoint
+    to resume and its run info (None, None when not resuming)."""
+    check_run_folder(out, config)
+    check_has_rows(config.packs)
+    if not config.resume:
+        return None, None
+    checkpoint = resolve_checkpoint(out)
+    saved = verify_checkpoint(checkpoint, use="resume")  # every file against its saved hash
+    if config.steps < int(saved.get("step", 0)):
+        raise ValueError(f"config steps = {config.steps} is below step {saved['step']} of the checkpoint "
+                         f"{checkpoint}; steps counts from the start of the run: pass --steps above "
+                         f"{saved['step']} to train further")
+    return checkpoint, saved
 
 
 # -- the pieces -----------------------------------------------------------------------------------
@@ -235,7 +406,7 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard (when installed), written by rank 0."""
 
-    def __init__(self, out: Path, tensorboard: bool) -> None:
+    def __init__(self, out: Path, tensorboard: bool, resumed_step: int | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self.board = None
         if tensorboard:
@@ -244,7 +415,9 @@ class MetricsLog:
             except ImportError:
                 pass
             else:
-                self.board = SummaryWriter(str(out / "tensorboard"))
+                # a resumed run purges the events logged after its checkpoint, as metrics.jsonl is truncated
+                self.board = SummaryWriter(str(out / "tensorboard"),
+                                           purge_step=None if resumed_step is None else resumed_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
@@ -379,6 +552,22 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     ddp = setup_distributed(config.device)
     device = ddp.device
     out = Path(config.out)
+    # refusals that need no data come first: a damaged checkpoint or a mixed-up run folder is named
+    # before anything is loaded or written; the ranks agree, so none goes on to wait for one that stopped
+    try:
+        checkpoint, saved = preflight(out, config)
+        refused = None
+    except (ValueError, FileNotFoundError) as exc:
+        refused = exc
+    if ddp.world_size > 1:
+        flag = torch.tensor([float(refused is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and refused is None:
+            refused = ValueError(f"another rank refused to start the run in {out}; its error says why")
+    if refused is not None:
+        if ddp.owns_group:
+            dist.destroy_process_group()
+        raise refused
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
     autocast = autocast_for(config.precision, device)
@@ -421,8 +610,6 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
 
     step = 0
     if config.resume:
-        checkpoint = resolve_checkpoint(out)
-        saved = read_run_info(checkpoint)
         check_data_identity(saved["data"], identity, where=str(checkpoint))
         if saved["model"] != run_info["model"]:
             raise ValueError(f"{checkpoint}: the checkpoint's model {saved['model']} differs from this config's "
@@ -436,7 +623,11 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
         restore_rng(state["rng"][ddp.rank], generator)
         step = int(state["step"])
     if ddp.main:
-        (out / "config.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+        if config.overwrite:
+            remove_previous_run(out)  # as late as possible: a refused config leaves the old run in place
+        elif config.resume:
+            truncate_metrics(out, step)
+        atomic_write_bytes(out / "config.json", (json.dumps(run_info, indent=2, default=str) + "\n").encode())
 
     # the attention backend is fixed here, from device and compute dtype, before anything is compiled
     model.use_attention(device, compute_dtype_of(autocast), training=True, compiled=config.compile)
@@ -446,7 +637,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     if ddp.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    log = MetricsLog(out, config.tensorboard) if ddp.main else None
+    log = MetricsLog(out, config.tensorboard, resumed_step=step if config.resume else None) if ddp.main else None
     peak = peak_flops(device)
     summary = TrainSummary(steps=0, final_step=step)
     batches = iter(loader)

@@ -16,13 +16,22 @@ rank        int32 (nullable)   rank of the rank assignment; null when not assign
 Key-value metadata: ``nr.packing`` (JSON written by :func:`packs_table`: algorithm, max_tokens,
 max_images, seed, epochs, efficiency, ...) and ``nr.meta`` (JSON given to :func:`write_packs`;
 the catalog fingerprints go there).
+
+`nr pack` writes the packs file with its report, plot and NiT JSON as one set (:func:`pack_outputs`):
+under a lock file next to the packs file, so that two runs aimed at one output cannot interleave
+their files, and each file under a temporary name renamed into place once all are written, so that
+a full disk or a read-only folder leaves the previous outputs as they were and no temporary behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -175,6 +184,119 @@ def write_packs(path, table: pa.Table, metadata: dict | None = None) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def packs_summary(path) -> tuple[int, list[dict]]:
+    """(packs in the file over all epochs, the catalogs its metadata records), from the footer alone."""
+    try:
+        footer = pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable packs file ({exc}); make one with `nr pack`") from None
+    raw = (footer.metadata or {}).get(META_KEY)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        raise ValueError(f"{path}: its {META_KEY.decode()} metadata is not JSON; rebuild it with `nr pack`") from None
+    return footer.num_rows, list(meta.get("catalogs") or [])
+
+
+class PacksLockedError(RuntimeError):
+    """Another process is writing the same packs output."""
+
+
+class PackWriteError(RuntimeError):
+    """A packs output could not be written (disk full, read-only folder); the previous files are intact."""
+
+
+def _reason(exc: OSError) -> str:
+    return f"{exc.strerror} (errno {exc.errno})" if exc.strerror else str(exc)
+
+
+class PackOutputs:
+    """Files that appear together: each is written to a temporary name next to its final one, and
+    all are renamed into place by `publish`; `discard` removes the temporaries of a failed set."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, Path] = {}
+
+    def write(self, final: str | Path, write: Callable[[Path], object]) -> Path:
+        """Call `write(temporary path)`; the file becomes `final` on publish. Returns `final`."""
+        from nrdata.catalog.atomic import temp_path_for
+
+        final = Path(final)
+        tmp = temp_path_for(final)
+        self._pending[final] = tmp
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+        except OSError as exc:
+            raise PackWriteError(f"cannot write {final}: {_reason(exc)}; nothing was replaced (the previous "
+                                 "outputs, if any, are as they were). Free space, or choose a writable --out") from exc
+        return final
+
+    def publish(self) -> None:
+        from nrdata.catalog.atomic import publish
+
+        for final, tmp in list(self._pending.items()):
+            try:
+                publish(tmp, final)
+            except OSError as exc:
+                raise PackWriteError(f"cannot write {final}: {_reason(exc)}; free space, or choose a writable "
+                                     "--out, and run `nr pack` again") from exc
+            del self._pending[final]
+
+    def discard(self) -> None:
+        from nrdata.catalog.atomic import TMP_MARK
+
+        for final, tmp in self._pending.items():
+            tmp.unlink(missing_ok=True)
+            # writers that publish atomically themselves leave their own temporary of our temporary
+            for nested in final.parent.glob(f"{TMP_MARK}*{tmp.name}"):
+                nested.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+def lock_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextlib.contextmanager
+def pack_outputs(out: str | Path) -> Iterator[PackOutputs]:
+    """Hold the lock of packs output `out` (PacksLockedError when another process holds it) and yield
+    a PackOutputs, published when the block ends normally and discarded when it raises. The parent
+    folder is created. The lock file stays (removing a lock file others may have opened races)."""
+    out = Path(out)
+    lock = lock_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as exc:
+        raise PackWriteError(f"cannot write next to {out} ({lock}): {_reason(exc)}; choose a writable --out") from exc
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise PacksLockedError(f"another `nr pack` is writing {out} (lock {lock} held by "
+                                   f"{'pid ' + holder if holder else 'another process'}); wait for it to finish, "
+                                   "or choose another --out") from None
+        with contextlib.suppress(OSError):  # the pid only makes the message above more helpful
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        outputs = PackOutputs()
+        try:
+            yield outputs
+            outputs.publish()
+        finally:
+            outputs.discard()
+    finally:
+        handle.close()  # releases the lock
 
 
 def read_packs(path) -> tuple[pa.Table, dict]:
