@@ -75,6 +75,9 @@ class IndexPart:
         return Path(self.shard).stem != self.path.stem
 
 
+_PART_KEYS = {"shard", "shard_bytes", "shard_blake2b", "rows", "stats"}
+
+
 def read_part(part: Path) -> IndexPart:
     """The footer of one index part; CatalogIntegrityError when it cannot be read."""
     root = _catalog_root(part)
@@ -90,7 +93,7 @@ def read_part(part: Path) -> IndexPart:
         raise CatalogIntegrityError(
             f"index part {part} is unreadable ({exc}): it was truncated or overwritten; restore it from a backup "
             f"or re-encode the catalog; {_validate_hint(root)}") from None
-    if meta is None or column is None:
+    if meta is None or column is None or not _PART_KEYS <= meta.keys():
         raise CatalogIntegrityError(f"{part} is not an index part written by nr (no row_id column or no nr "
                                     f"metadata); move it out of {part.parent}, then `nr catalog validate {root}`")
     first, last = _row_id_range(part, footer, column)
@@ -133,12 +136,13 @@ def index_problems(root: Path, parts: list[IndexPart], *, ranges: bool = True) -
             if first < expected:  # some of these ids are already held by an earlier part
                 other = next((p for p in earlier if p.first_row <= last and first <= p.last_row), earlier[-1])
                 copy = next((p for p in (part, other) if p.is_copy), None)
-                what = (f" (index/{copy.path.name} is a copy: it describes shard {copy.shard})" if copy else "")
+                fix = (f"index/{copy.path.name} is a copy (it describes shard {copy.shard}): remove the copy"
+                       if copy else "restore the index from a backup or re-encode the catalog")
                 problems.append(
                     f"index parts index/{other.path.name} and {name} both hold row ids {max(first, other.first_row)}.."
-                    f"{min(last, other.last_row)}{what}; remove the copy, then `nr catalog validate {root}`")
+                    f"{min(last, other.last_row)}; {fix}, then `nr catalog validate {root}`")
             elif first > expected:
-                lost = f" (shards without an index part: {', '.join(orphans)})" if orphans else ""
+                lost = f" (shards without an index part: {_some(orphans)})" if orphans else ""
                 problems.append(
                     f"row ids {expected}..{first - 1} are in no index part ({name} starts at {first}): an index part "
                     f"was deleted{lost}; restore it from a backup or re-encode the catalog, then "
@@ -155,11 +159,15 @@ def index_problems(root: Path, parts: list[IndexPart], *, ranges: bool = True) -
             problems.append(f"shard {shard} is missing ({part.rows} rows lost: {name} points at it); restore it "
                             f"from a backup or re-encode the catalog; {_validate_hint(root)}")
             continue
-        if size != part.meta.get("shard_bytes"):
-            problems.append(f"shard {shard} is {size:,} bytes but {part.meta.get('shard_bytes'):,} were committed: it "
+        if size != part.meta["shard_bytes"]:
+            problems.append(f"shard {shard} is {size:,} bytes but {part.meta['shard_bytes']:,} were committed: it "
                             f"was truncated or overwritten; restore it from a backup or re-encode the catalog; "
                             f"{_validate_hint(root)}")
     return problems
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def merged_stats(parts: list[IndexPart], channels: int) -> ChannelStats:
@@ -188,7 +196,7 @@ def normalization_problem(root: Path, manifest: Manifest, stats: ChannelStats, o
         return None
     where = Path(root) / MANIFEST_NAME
     if norm.count != stats.count:
-        lost = f" (shards without an index part: {', '.join(orphans)})" if orphans else ""
+        lost = f" (shards without an index part: {_some(list(orphans))})" if orphans else ""
         return (f"{where}: the normalisation statistics cover {norm.count:,} latent values per channel but the index "
                 f"parts hold {stats.count:,}: parts were added or removed after the last encode finished{lost}; "
                 "re-run the `nr encode` command that made the catalog (it completes the catalog and rewrites the "
