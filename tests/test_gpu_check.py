@@ -36,7 +36,7 @@ def test_every_section_passes_and_the_exit_status_says_so(smoke):
     out, process, report = smoke
     failed = {name: s.get("error") for name, s in report["sections"].items() if s["status"] != "passed"}
     assert process.returncode == 0 and not failed, f"{failed}\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}"
-    assert list(report["sections"]) == ["cli", "train", "sample", "encode"] and report["passed"]
+    assert list(report["sections"]) == ["cli", "tests", "train", "sample", "encode"] and report["passed"]
     assert report["smoke"] and report["machine"]["torch"] == torch.__version__ and report["machine"]["device"] == "cpu"
     assert "gpu_check.py --smoke" in report["command"]
     for section in report["sections"].values():
