@@ -210,7 +210,7 @@ def test_model_gets_its_own_dtype_and_integration_stays_wide():
     batch = noise_batch()
     model = Bf16Model()
     result = sample(model, batch, batch.labels, null_class=NULL, steps=4, cfg_scale=1.5)
-    assert set(model.seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert set(model.seen) == {(torch.bfloat16, torch.float32)}  # t stays float32 (see GuidedField)
     assert result.tokens.dtype == torch.float32 and bool(torch.isfinite(result.tokens).all())
     # four Euler steps of dt = -1/4 on v = -x/2 multiply x by (1 + 1/8) each; labels do not matter here
     assert torch.allclose(result.tokens, batch.tokens * 1.125 ** 4, rtol=2e-2, atol=1e-2)

@@ -32,8 +32,8 @@ class GuidedField:
 
     Inside the interval: one call on the doubled pack and v = v_u + s (v_c - v_u). Outside it, or
     with s = 1: one call on the conditional pack only. t = 1 is noise, so NiT's interval (0, 0.7)
-    leaves the first, noisiest part of sampling unguided. Inputs are cast to `model_dtype` for the
-    model; its output is cast back to the dtype of x (the integration dtype) before combining.
+    leaves the first, noisiest part of sampling unguided. x is cast to `model_dtype` for the model
+    (t is handed over in float32); its output is cast back to the dtype of x (the integration dtype) before combining.
     Counts: `nfe` velocity evaluations, `guided_nfe` of them on the doubled pack.
     """
 

@@ -4,8 +4,8 @@ The solvers (`euler`, `heun`, `euler_maruyama`) take any field f(x, t) -> v and 
 know nothing of models, packs or guidance. `sample` ties them to a model through `GuidedField`.
 
 Precision: the state is integrated in float64 by default (NiT's choice: over 250 small steps the
-float32 rounding of x + dt v is visible); each model call gets x and t cast to the model's dtype, and
-its output is cast back before the update. Pass `dtype=torch.float32` where float64 is slow.
+float32 rounding of x + dt v is visible); each model call gets x cast to the model's dtype and t in
+float32 (in bf16, t near 1 would round to steps of 1/256), and its output is cast back before the update. Pass `dtype=torch.float32` where float64 is slow.
 
 Noise is drawn per image (`ImageNoise`), each image from its own seeded stream on the CPU, so
 image i's noise, and therefore its sample, is the same alone or in any batch and on any device.
