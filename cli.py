@@ -108,7 +108,7 @@ def demo(
     from nrtrain.checkpoint import read_run_info
     from nrtrain.sample import generate
     from nrtrain.sample_plan import SampleRequest
-    from nrtrain.train import load_config
+    from nrtrain.config import load_config
     from nrtrain.train import train as run_training
     from pipelines.encode import EncodeConfig, EncoderSpec, run_encode
 
@@ -398,7 +398,8 @@ def train(
     """
     from nrdata.packing.catalog_packs import PacksMismatchError
     from nrtrain.checkpoint import CheckpointMismatchError, CheckpointWriteError
-    from nrtrain.train import NonFiniteLossError, load_config, parse_override
+    from nrtrain.config import load_config, parse_override
+    from nrtrain.train import NonFiniteLossError
     from nrtrain.train import train as run_training
 
     try:

@@ -7,7 +7,8 @@ checkpoint holding everything needed to continue the same trajectory: weights, E
 scheduler, the loader's cursor, and the RNG states (`--resume` restores them all).
 
 Runs on one CPU for tests, on one GPU, under `torchrun` (DDP; NCCL on GPU, gloo on CPU), or as a
-Ray Train job (`nrtrain.ray_train`), all through `train(config)`.
+Ray Train job (`nrtrain.ray_train`), all through `train(config)`. The config is `nrtrain.config`; what
+the run folder may hold and the metrics log are `nrtrain.run_folder`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ import copy
 import functools
 import json
 import math
-import numbers
 import os
-import shutil
 import time
-import types
-import typing
-import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -34,146 +30,16 @@ import torch.distributed as dist
 from nrdata.catalog.atomic import atomic_write_bytes
 from nrdata.version import code_version
 from nrtrain.checkpoint import (check_data_identity, data_identity, load_training_state, load_weights,
-                                resolve_checkpoint, save_checkpoint, verify_checkpoint)
+                                resolve_checkpoint, save_checkpoint)
+from nrtrain.config import TrainConfig, load_config, parse_override  # noqa: F401  (nrtrain.train's API)
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
 from nrtrain.packed import PackedBatch
 from nrtrain.repa import load_vision_encoder, repa_targets
+from nrtrain.run_folder import (MetricsLog, plot_loss, preflight, read_metrics,  # noqa: F401  (read_metrics: API)
+                                remove_previous_run, truncate_metrics)
 from nrtrain.transport import FlowMatchingLoss
-
-
-@dataclass
-class TrainConfig:
-    # data: a packs file from `nr pack`; its catalogs are found through it
-    packs: str = ""
-    catalogs: list[str] | None = None  # override the catalog paths recorded in the packs file
-    out: str = "runs/nit"
-    # model
-    model: str = "tiny"  # tiny, S, B, L, XL (NiT's table)
-    mlp: str = "gelu"  # gelu (NiT) or swiglu
-    attention: str = "auto"  # auto, flash-varlen, torch-varlen, sdpa-loop, masked-sdpa, flex
-    num_classes: int | None = None  # default: largest label in the catalogs + 1
-    # objective
-    reduction: str = "image"  # image: every image weighs the same; token: NiT's per-token mean
-    direction_loss: bool = False  # NiT trains with it on
-    class_dropout_prob: float = 0.1
-    # REPA, on when repa_encoder is set: a TorchScript file or hub:<local repo dir>:<entry> (nrtrain.repa)
-    repa_encoder: str | None = None
-    repa_depth: int = 8  # the projector reads this block's output (NiT: 4 for S and B, 6 for L, 8 for XL)
-    repa_weight: float = 1.0
-    repa_hidden: int = 2048  # projector width (NiT-S: 768)
-    repa_normalization: str = "imagenet"  # input mean/std the encoder expects: imagenet, clip, none (RADIO)
-    repa_image_root: str | None = None  # the source images, when not at the catalogs' source_root
-    # optimisation (NiT-XL: lr 1e-4 for 8 packs of 16384 tokens per step)
-    steps: int = 1000
-    lr: float = 1e-4
-    schedule: str = "constant"  # constant or cosine (to min_lr_ratio * lr)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.01
-    eps: float = 1e-6
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.9999
-    # system
-    seed: int = 0
-    device: str = "auto"  # auto: cuda when available
-    precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
-    compile: bool = False  # torch.compile each transformer block (dynamic shapes: one graph for every pack)
-    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager checks tracing without code generation
-    tf32: bool = True
-    workers: int = 2
-    log_every: int = 10
-    ckpt_every: int = 1000
-    keep_checkpoints: int | None = 3
-    tensorboard: bool = True
-    resume: bool = False
-    overwrite: bool = False  # start afresh in an out folder that holds a run: its outputs are deleted first
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        checks = {
-            "schedule": (self.schedule in ("constant", "cosine"), "constant or cosine"),
-            "reduction": (self.reduction in ("image", "token"), "image or token"),
-            "precision": (self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
-            "steps": (self.steps >= 1, ">= 1"), "grad_accum": (self.grad_accum >= 1, ">= 1"),
-            "ckpt_every": (self.ckpt_every >= 1, ">= 1"), "log_every": (self.log_every >= 1, ">= 1"),
-            "repa_weight": (self.repa_encoder is None or self.repa_weight > 0, "> 0 when repa_encoder is set"),
-            "overwrite": (not (self.overwrite and self.resume), "false with resume (one continues the run in out, "
-                          "the other deletes it)"),
-        }
-        for name, (ok, wanted) in checks.items():
-            if not ok:
-                raise ValueError(f"config {name} = {getattr(self, name)!r}: must be {wanted}")
-
-
-def _check_types(config: TrainConfig) -> None:
-    """Every field holds a value of its declared type (a TOML file or `--set key=value` gives anything);
-    numbers are converted (an int where a float is declared, a whole float where an int is)."""
-    for spec in fields(config):
-        value = getattr(config, spec.name)
-        try:
-            setattr(config, spec.name, _as_type(value, _field_types()[spec.name]))
-        except TypeError as exc:
-            raise ValueError(f"config {spec.name} = {value!r}: must be {exc}") from None
-
-
-@functools.cache
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)  # the annotations are strings (postponed evaluation)
-
-
-def _as_type(value: Any, hint: Any) -> Any:
-    """`value` as `hint` (bool, int, float, str, X | None, list[X], tuple[X, ...]); TypeError(what it must be)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        try:
-            return _as_type(value, inner)
-        except TypeError as exc:
-            raise TypeError(f"{exc} or unset") from None
-    if origin in (list, tuple):
-        wanted = _describe(hint)
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(wanted)
-        variadic = origin is list or args[-1] is Ellipsis
-        if not variadic and len(value) != len(args):
-            raise TypeError(wanted)
-        try:
-            items = [_as_type(v, t) for v, t in zip(value, [args[0]] * len(value) if variadic else args)]
-        except TypeError:
-            raise TypeError(wanted) from None
-        return items if origin is list else tuple(items)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-    else:
-        return value
-    raise TypeError(_describe(hint))
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,133 +54,6 @@ class TrainSummary:
     checkpoint: str | None = None
     seconds: float = 0.0
     model: torch.nn.Module | None = None  # the trained module (this rank's copy), for notebooks and tests
-
-
-# -- config files: TOML (sections are only for reading; keys are TrainConfig's fields) ---------------
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    import tomllib
-
-    values: dict[str, Any] = {}
-    if path:
-        data = tomllib.loads(Path(path).read_text())
-        for key, value in data.items():
-            values.update(value if isinstance(value, dict) else {key: value})
-    values.update(overrides or {})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path or 'overrides'}: unknown config keys {unknown}; known: {sorted(known)}")
-    return TrainConfig(**values)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` with a TOML value (numbers, true/false, lists), or a bare string."""
-    import tomllib
-
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {text!r}: expected key=value")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-# -- the run folder ---------------------------------------------------------------------------------
-
-# what `train` writes into its out folder; any of them there means a run was started in it
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "loss.png")
-
-
-def previous_run(out: Path) -> list[str]:
-    """The outputs of an earlier run present in `out`, by name."""
-    return [name for name in RUN_OUTPUTS if (out / name).exists()]
-
-
-def check_run_folder(out: Path, config: TrainConfig) -> None:
-    """Refuse to start a run where another one lives (their checkpoints and metrics would mix) unless
-    the config resumes it or overwrites it."""
-    found = previous_run(out)
-    if not found or config.resume or config.overwrite:
-        return
-    try:
-        checkpoint = resolve_checkpoint(out)
-    except FileNotFoundError:
-        checkpoint = None
-    if checkpoint is not None:
-        what = f"continue it from {checkpoint} with --resume, or start over with --overwrite"
-    else:
-        what = "it has no checkpoint to resume from: start over with --overwrite"
-    raise ValueError(f"{out} already holds a run ({', '.join(found)}); {what} (deletes its checkpoints, metrics "
-                     "and TensorBoard logs), or choose another --out")
-
-
-def remove_previous_run(out: Path) -> list[str]:
-    """Delete an earlier run's outputs (for `overwrite`); each is renamed aside first, so a crash midway
-    never leaves a half-deleted checkpoints folder that looks like a run. Returns what was removed."""
-    found = previous_run(out)
-    for name in found:
-        doomed = out / f".overwritten-{uuid.uuid4().hex[:8]}-{name}"
-        (out / name).rename(doomed)
-        if doomed.is_dir():
-            shutil.rmtree(doomed)
-        else:
-            doomed.unlink()
-    return found
-
-
-def truncate_metrics(out: Path, step: int) -> None:
-    """Keep the metrics records up to `step` (the checkpoint a resume starts from), so the steps the
-    resumed run logs again are not there twice; a line cut short by a crash goes too. Atomic."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    atomic_write_bytes(path, "".join(kept).encode())
-
-
-def check_has_rows(packs: str) -> None:
-    """Refuse packs without a single pack, or built from catalogs without rows, in one clear line
-    (from the packs file's footer alone)."""
-    from nrdata.packing.packs_file import packs_summary
-
-    if not Path(packs).is_file():
-        return  # the loader says how to make one
-    packs_count, catalogs = packs_summary(packs)
-    empty = [c.get("path", "?") for c in catalogs if c.get("rows") == 0]
-    if catalogs and len(empty) == len(catalogs):
-        raise ValueError(f"{packs}: its catalog{'s' if len(empty) > 1 else ''} {', '.join(empty)} had no rows when "
-                         "packed, so there is nothing to train on; see why images failed with `nr catalog errors "
-                         "CATALOG`, fix or encode them, then `nr pack` again")
-    if packs_count == 0:
-        raise ValueError(f"{packs}: the packs file holds no packs (no rows to train on); `nr pack` the catalogs "
-                         "again and check its report")
-
-
-def preflight(out: Path, config: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checks a run makes before reading data: the out folder, the packs, and (resuming) the
-    checkpoint's files against their hashes and its step against config.steps. Returns the checkpoint
-    to resume and its run info (None, None when not resuming)."""
-    check_run_folder(out, config)
-    check_has_rows(config.packs)
-    if not config.resume:
-        return None, None
-    checkpoint = resolve_checkpoint(out)
-    saved = verify_checkpoint(checkpoint, use="resume")  # every file against its saved hash
-    if config.steps < int(saved.get("step", 0)):
-        raise ValueError(f"config steps = {config.steps} is below step {saved['step']} of the checkpoint "
-                         f"{checkpoint}; steps counts from the start of the run: pass --steps above "
-                         f"{saved['step']} to train further")
-    return checkpoint, saved
 
 
 # -- the pieces -----------------------------------------------------------------------------------
@@ -401,63 +140,6 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (when installed), written by rank 0."""
-
-    def __init__(self, out: Path, tensorboard: bool, resumed_step: int | None = None) -> None:
-        self.path = out / "metrics.jsonl"
-        self.board = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                # a resumed run purges the events logged after its checkpoint, as metrics.jsonl is truncated
-                self.board = SummaryWriter(str(out / "tensorboard"),
-                                           purge_step=None if resumed_step is None else resumed_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-
-def read_metrics(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def plot_loss(out: str | Path) -> Path | None:
-    """loss.png next to metrics.jsonl: the logged loss against the step."""
-    records = read_metrics(out)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(out) / "loss.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
