@@ -1,5 +1,5 @@
-"""What the torch benchmarks share: the --device/--threads options, the machine line they print, and
-random weights where NiT initialises zeros."""
+"""What the torch benchmarks share: the --device/--threads options, the machine line they print,
+random weights where NiT initialises zeros, and the time budget gpu_check gives each of them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 import torch
 
@@ -63,3 +64,12 @@ def randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
         for parameter in model.parameters():
             if parameter.dim() >= 2 and not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+
+
+def budget_short(deadline: float | None, needed: float, measured_any: bool) -> float | None:
+    """Seconds left when the next variant (about `needed` seconds) no longer fits before `deadline`,
+    else None. The first variant always runs, so a section never reports nothing."""
+    if deadline is None or not measured_any:
+        return None
+    left = deadline - time.monotonic()
+    return left if left < needed else None

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from bench_device import budget_short
+
 SMALL_DCAE = {
     "in_channels": 3, "latent_channels": 32, "attention_head_dim": 8,
     "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
@@ -165,8 +167,8 @@ def _measure_encoder(device, encoder_dir, image_root, variants, batch_pixels, de
         f"{len(items)} images with their mirrors; nr: {result['nr']}; baseline: {result['baseline']}")
     last_seconds = 0.0
     for variant in variants:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left < last_seconds and result["variants"]:  # the first variant always runs
+        left = budget_short(deadline, last_seconds, bool(result["variants"]))
+        if left is not None:
             result["skipped"].append(f"variant {variant}: {left:.0f} s of the budget left, the last took "
                                      f"{last_seconds:.0f} s")
             continue

@@ -54,7 +54,7 @@ from nrtrain.train import peak_flops
 from nrtrain.transport import noise_pack, sample
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_device import (add_device_options, load_average, print_header, randomize_zero_layers,  # noqa: E402
+from bench_device import (add_device_options, budget_short, load_average, print_header, randomize_zero_layers,  # noqa: E402
                           resolve_device)
 
 CHANNELS = 32
@@ -195,8 +195,8 @@ def measure_sampling(device: torch.device, *, preset: str = "XL", sizes: list[in
         "setting (median), decode not included")
     last_seconds = 0.0
     for size in sizes:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left < last_seconds and result["sizes"]:  # the first size always runs
+        left = budget_short(deadline, last_seconds, bool(result["sizes"]))
+        if left is not None:
             result["skipped"].append(f"{size} px: {left:.0f} s of the budget left, the last size took "
                                      f"{last_seconds:.0f} s")
             continue

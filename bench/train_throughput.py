@@ -95,7 +95,7 @@ from nrtrain.train import (TrainConfig, autocast_for, compute_dtype_of, make_opt
 from nrtrain.transport import FlowMatchingLoss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_device import (add_device_options, load_average, print_header, randomize_zero_layers,  # noqa: E402
+from bench_device import (add_device_options, budget_short, load_average, print_header, randomize_zero_layers,  # noqa: E402
                           resolve_device)
 
 CHANNELS = 32
@@ -394,9 +394,9 @@ def measure_training(device: torch.device, *, preset: str = "XL", max_tokens: in
                 layout, batching, backend = row
                 if row in errors or row in skipped:
                     continue
-                left = None if deadline is None else deadline - time.monotonic()
                 needed = max(last_seconds, compile_estimate_s if compiled else 0.0)
-                if left is not None and left < needed and last_seconds > 0:  # the first row always runs
+                left = budget_short(deadline, needed, last_seconds > 0)
+                if left is not None:
                     skipped.add(row)
                     result["skipped"].append(f"{layout} {batching} {backend} compile {'on' if compiled else 'off'}: "
                                              f"{left:.0f} s of the budget left, a row takes about {needed:.0f} s")

@@ -18,9 +18,14 @@ from nrtrain.config import TrainConfig
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "loss.png")
 
 
+# a run that stopped before its first logged step leaves only these: nothing of it could mix with another
+SETUP_OUTPUTS = ("config.json", "loss.png")
+
+
 def previous_run(out: Path) -> list[str]:
-    """The outputs of an earlier run present in `out`, by name."""
-    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+    """The outputs of an earlier run present in `out`, by name; empty when it left only SETUP_OUTPUTS."""
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    return found if set(found) - set(SETUP_OUTPUTS) else []
 
 
 def check_run_folder(out: Path, config: TrainConfig) -> None:

@@ -279,6 +279,9 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                  if encoder else {})
     model = build_model(config.model, in_channels=dataset.channels, patch_size=dataset.patch_size,
                         mlp=config.mlp, attention=config.attention, num_classes=num_classes, **projector).to(device)
+    # the attention backend is fixed from device, compute dtype and compile before anything is compiled
+    # (or written: a backend that cannot run here is refused before the run folder holds anything)
+    model.use_attention(device, compute_dtype_of(autocast), training=True, compiled=config.compile)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
@@ -311,8 +314,6 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
             truncate_metrics(out, step)
         atomic_write_bytes(out / "config.json", (json.dumps(run_info, indent=2, default=str) + "\n").encode())
 
-    # the attention backend is fixed here, from device and compute dtype, before anything is compiled
-    model.use_attention(device, compute_dtype_of(autocast), training=True, compiled=config.compile)
     if config.compile:
         model.compile_blocks(backend=config.compile_backend)
     net = model

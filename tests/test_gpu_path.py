@@ -172,6 +172,14 @@ def test_the_model_fixes_its_backend_before_the_forward_and_follows_autocast_oth
             "cpu", FP32, training=True, compiled=True)
 
 
+def test_a_backend_that_cannot_run_here_is_refused_before_the_run_folder_holds_a_run(pixel_packs, tmp_path):
+    config = dict(packs=str(pixel_packs / "packs.parquet"), out=str(tmp_path / "run"), model="tiny", steps=1,
+                  workers=0, tensorboard=False)
+    with pytest.raises(ValueError, match="torch-varlen runs on CUDA only"):
+        train(TrainConfig(**config, attention="torch-varlen"))
+    assert train(TrainConfig(**config)).final_step == 1  # the same --out, no --overwrite needed
+
+
 # -- torch.compile: one graph for every pack, no graph break inside a block ------------------------
 
 def _random_pack(rng: np.random.Generator, images: int, channels: int = 4) -> "PackedBatch":  # noqa: F821
