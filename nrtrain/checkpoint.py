@@ -78,6 +78,7 @@ def data_identity(catalogs, normalization, patch_size: int) -> dict[str, Any]:
     sizes = [c.scan().select("latent_h", "latent_w").max().collect().row(0) for c in catalogs]
     return {
         "encoder": asdict(manifest.encoder),
+        "encoder_weights": manifest.encoder_weights,  # content hash; "" for catalogs of manifest schema 1
         "dtype": manifest.dtype,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std),
                           "count": normalization.count},
@@ -94,6 +95,11 @@ def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where
             raise CheckpointMismatchError(
                 f"{where}: trained on {label} {saved.get(key)} but the data now has {current.get(key)}; "
                 "use catalogs encoded the same way, or start a new run")
+    weights_a, weights_b = saved.get("encoder_weights"), current.get("encoder_weights")
+    if weights_a and weights_b and weights_a != weights_b:
+        raise CheckpointMismatchError(
+            f"{where}: trained on latents of encoder weights {weights_a} but the catalogs were encoded with "
+            f"{weights_b}; use catalogs encoded with the same weights, or start a new run")
     mean_a, mean_b = saved["normalization"]["mean"], current["normalization"]["mean"]
     std_a, std_b = saved["normalization"]["std"], current["normalization"]["std"]
     if len(mean_a) != len(mean_b) or any(abs(a - b) > 1e-4 * (1 + abs(a)) for a, b in zip(mean_a + std_a,

@@ -210,7 +210,7 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     if todo and encoder is None:  # a run with nothing left to make (only the npz to write) loads no weights
         encoder = _load_encoder(saved_encoder, encoder_source, device)
     if encoder is not None:
-        _check_encoder(encoder.info, saved_encoder, warnings)
+        _check_encoder(encoder, saved_encoder, data.get("encoder_weights"), warnings)
     if todo:
         decoder = LatentDecoder(encoder, data["normalization"]["mean"], data["normalization"]["std"], patch_size,
                                 device=device, batch_size=decode_batch_size)
@@ -378,12 +378,18 @@ def _load_encoder(saved: dict[str, Any], source: str | None, device: torch.devic
     return load_encoder(saved["name"], source or saved.get("source") or None, device=device)
 
 
-def _check_encoder(loaded, saved: dict[str, Any], warnings: list[str]) -> None:
+def _check_encoder(encoder, saved: dict[str, Any], saved_weights: str | None, warnings: list[str]) -> None:
+    loaded = encoder.info
     if (loaded.name, loaded.factor, loaded.channels) != (saved["name"], saved["factor"], saved["channels"]):
         raise CheckpointMismatchError(f"encoder {loaded.name} (f{loaded.factor} c{loaded.channels}) is not the one "
                                       f"the model was trained on ({saved['name']} f{saved['factor']} "
                                       f"c{saved['channels']})")
-    if loaded.revision != saved.get("revision"):
+    weights = getattr(encoder, "weights_id", "")
+    if saved_weights and weights:  # the weights' content decides, wherever they were read from
+        if weights != saved_weights:
+            warnings.append(f"the decoder's weights ({weights}) are not those the catalog was encoded with "
+                            f"({saved_weights}); the images will not match the latents the model learned")
+    elif loaded.revision != saved.get("revision"):
         warnings.append(f"encoder weights revision {loaded.revision} differs from the one the catalog was encoded "
                         f"with ({saved.get('revision')})")
 

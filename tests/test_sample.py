@@ -324,3 +324,28 @@ def test_non_finite_samples_are_reported(tmp_path):
     assert any("non-finite" in w for w in summary.warnings)
     record = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert record["nonfinite"] == ["8x8/000000.png", "8x8/000001.png"]
+
+
+def test_the_decoder_is_judged_by_the_content_of_its_weights_not_where_they_were_read_from():
+    from types import SimpleNamespace
+
+    from nrtrain.checkpoint import check_data_identity
+    from nrtrain.sample import _check_encoder
+
+    saved = {"name": "dc-ae-f32c32", "factor": 32, "channels": 32, "revision": "hub-rev-1"}
+    info = SimpleNamespace(name="dc-ae-f32c32", factor=32, channels=32, revision="local-folder")
+    same, other = (SimpleNamespace(info=info, weights_id=w) for w in ("sha256:aa", "sha256:bb"))
+    warnings: list[str] = []
+    _check_encoder(same, saved, "sha256:aa", warnings)  # a local copy of the same weights: nothing to say
+    assert warnings == []
+    _check_encoder(other, saved, "sha256:aa", warnings)
+    assert len(warnings) == 1 and "sha256:bb" in warnings[0] and "sha256:aa" in warnings[0]
+    _check_encoder(same, saved, "", warnings)  # a schema-1 catalog recorded no hash: the revision decides
+    assert len(warnings) == 2 and "revision" in warnings[1]
+
+    identity = {"encoder": saved, "patch_size": 1, "encoder_weights": "sha256:aa",
+                "normalization": {"mean": [0.0], "std": [1.0]}}
+    check_data_identity(identity, {**identity}, where="ckpt")
+    check_data_identity(identity, {**identity, "encoder_weights": ""}, where="ckpt")  # old catalog: no hash
+    with pytest.raises(CheckpointMismatchError, match="encoder weights sha256:aa .* sha256:bb"):
+        check_data_identity(identity, {**identity, "encoder_weights": "sha256:bb"}, where="ckpt")
