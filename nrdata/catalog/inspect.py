@@ -43,6 +43,7 @@ def describe(cat: Catalog) -> dict:
         "content_fingerprint": cat.content_fingerprint(),
         "encoder": f"{m.encoder.name} ({m.encoder.source or 'no weights'}"
                    + (f" @ {m.encoder.revision}" if m.encoder.revision else "") + ")",
+        "encoder_weights": m.encoder_weights or ("none" if not m.encoder.source else "not recorded (schema 1)"),
         "factor": m.encoder.factor,
         "channels": m.encoder.channels,
         "stored_quantity": m.encoder.quantity,
