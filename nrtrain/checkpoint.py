@@ -111,8 +111,12 @@ def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,
-                    state: dict[str, Any], run_info: dict[str, Any], keep: int | None = None) -> Path:
+                    state: dict[str, Any], run_info: dict[str, Any], keep: int | None = None,
+                    keep_every: int | None = None) -> Path:
     """Write checkpoint `step` completely, then point `latest` at it. Returns its folder.
+
+    Older checkpoints beyond the last `keep` are removed, except milestones: steps that are a
+    multiple of `keep_every`.
 
     A failed write (CheckpointWriteError, naming the file) removes what it had written, so the
     folder holds the checkpoints it held before and `latest` still names a complete one."""
@@ -171,9 +175,14 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: to
     _clean_leftovers(root)
     if keep:
         for old in sorted(root.glob(f"{STEP_PREFIX}*"))[:-keep]:
-            if old != final:
+            if old != final and not _milestone(old.name, keep_every):
                 _discard(old)
     return final
+
+
+def _milestone(name: str, keep_every: int | None) -> bool:
+    step = name.removeprefix(STEP_PREFIX)
+    return bool(keep_every) and step.isdigit() and int(step) % keep_every == 0
 
 
 def _is_write_failure(exc: BaseException) -> bool:

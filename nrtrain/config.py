@@ -28,6 +28,8 @@ class TrainConfig:
     reduction: str = "image"  # image: every image weighs the same; token: NiT's per-token mean
     direction_loss: bool = False  # NiT trains with it on
     class_dropout_prob: float = 0.1
+    t_mean: float = 0.0  # t = sigmoid(N(t_mean, t_std)) per image (logit-normal; NiT: 0 and 1)
+    t_std: float = 1.0
     # REPA, on when repa_encoder is set: a TorchScript file or hub:<local repo dir>:<entry> (nrtrain.repa)
     repa_encoder: str | None = None
     repa_depth: int = 8  # the projector reads this block's output (NiT: 4 for S and B, 6 for L, 8 for XL)
@@ -57,7 +59,8 @@ class TrainConfig:
     workers: int = 2
     log_every: int = 10
     ckpt_every: int = 1000
-    keep_checkpoints: int | None = 3
+    keep_checkpoints: int | None = 3  # the last N; None keeps every one
+    keep_every: int | None = None  # also keep every checkpoint whose step is a multiple (milestones for FID curves)
     tensorboard: bool = True
     resume: bool = False
     overwrite: bool = False  # start afresh in an out folder that holds a run: its outputs are deleted first
@@ -70,6 +73,8 @@ class TrainConfig:
             "precision": (self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
             "steps": (self.steps >= 1, ">= 1"), "grad_accum": (self.grad_accum >= 1, ">= 1"),
             "ckpt_every": (self.ckpt_every >= 1, ">= 1"), "log_every": (self.log_every >= 1, ">= 1"),
+            "t_std": (self.t_std > 0, "> 0"), "keep_every": (self.keep_every is None or self.keep_every >= 1, ">= 1"),
+            "keep_checkpoints": (self.keep_checkpoints is None or self.keep_checkpoints >= 1, ">= 1 (or unset: all)"),
             "repa_weight": (self.repa_encoder is None or self.repa_weight > 0, "> 0 when repa_encoder is set"),
             "overwrite": (not (self.overwrite and self.resume), "false with resume (one continues the run in out, "
                           "the other deletes it)"),

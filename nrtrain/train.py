@@ -287,7 +287,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
     loss_fn = FlowMatchingLoss(null_class=model.null_class, reduction=config.reduction,
                                class_dropout_prob=config.class_dropout_prob, direction_loss=config.direction_loss,
-                               repa_weight=config.repa_weight if encoder else 0.0)
+                               repa_weight=config.repa_weight if encoder else 0.0, t_mean=config.t_mean,
+                               t_std=config.t_std)
     generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + ddp.rank)  # distinct per rank
     run_info = {"config": asdict(config), "model": asdict(model.config), "data": identity,
                 "world_size": ddp.world_size, "code_version": code_version(),
@@ -371,7 +372,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                     on_log(record)
         if step % config.ckpt_every == 0 or step == config.steps:
             summary.checkpoint = _checkpoint(out, step, model, ema, optimizer, scheduler, loader, generator,
-                                             run_info, ddp, config.keep_checkpoints)
+                                             run_info, ddp, config.keep_checkpoints, config.keep_every)
 
     if log is not None:
         log.close()
@@ -408,7 +409,8 @@ def _log_record(step: int, window: dict, grad_norm: torch.Tensor, scheduler, ddp
 
 
 def _checkpoint(out: Path, step: int, model, ema, optimizer, scheduler, loader: PackedLoader,
-                generator: torch.Generator, run_info: dict, ddp: Distributed, keep: int | None) -> str | None:
+                generator: torch.Generator, run_info: dict, ddp: Distributed, keep: int | None,
+                keep_every: int | None) -> str | None:
     # every rank's cursor and RNG go into the one checkpoint rank 0 writes
     local = {"loader": loader.state_dict(), "rng": rng_state(generator)}
     if ddp.world_size > 1:
@@ -420,7 +422,8 @@ def _checkpoint(out: Path, step: int, model, ema, optimizer, scheduler, loader: 
     if ddp.main:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                  "loaders": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered]}
-        path = str(save_checkpoint(out, step, model=model, ema=ema, state=state, run_info=run_info, keep=keep))
+        path = str(save_checkpoint(out, step, model=model, ema=ema, state=state, run_info=run_info, keep=keep,
+                                   keep_every=keep_every))
     if ddp.world_size > 1:
         dist.barrier()
     return path

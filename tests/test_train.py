@@ -146,3 +146,16 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, {"lrr": 1})
     with pytest.raises(ValueError, match="schedule"):
         load_config(None, {"schedule": "linear"})
+
+
+def test_t_mean_and_t_std_reach_the_objective_and_milestones_outlive_the_rolling_checkpoints(small, tmp_path):
+    times = []
+    train(_config(small, tmp_path / "run", steps=8, ckpt_every=2, keep_checkpoints=1, keep_every=4, t_mean=2.0,
+                  t_std=0.01), on_step=lambda step, batch, terms: times.append(terms.t))
+    t = torch.cat(times)
+    # t = sigmoid(N(2, 0.01)): all close to sigmoid(2) = 0.881
+    assert float(t.min()) > 0.87 and float(t.max()) < 0.89
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000004", "step-00000008"]  # step 4 is a milestone; 8 the last one
+    with pytest.raises(ValueError, match="t_std = 0.0: must be > 0"):
+        _config(small, tmp_path / "bad", t_std=0.0)
