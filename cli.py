@@ -489,6 +489,9 @@ def sample(
     rope_extrapolation: Annotated[str, typer.Option(help="For sizes beyond training: none, linear, dynntk, "
                                                          "yarn.")] = "none",
     decouple: Annotated[bool, typer.Option(help="Extrapolate each axis by its own ratio (FiT).")] = False,
+    rope_train_size: Annotated[Optional[str], typer.Option(
+        help="HxW in pixels that RoPE extrapolation counts as the training size [default: the largest latent "
+             "the checkpoint was trained on].", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Model dtype [default: bfloat16 on GPU, float32 on CPU].",
                                                  show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
@@ -529,7 +532,9 @@ def sample(
         try:
             summary = generate(checkpoint, request, out, device=ddp.device, dtype=dtype, preset=preset, solver=solver,
                                steps=steps, cfg_scale=cfg, cfg_interval=cfg_interval, shift=shift,
-                               rope_extrapolation=rope_extrapolation, decouple=decouple, batch_size=batch_size,
+                               rope_extrapolation=rope_extrapolation, decouple=decouple,
+                               rope_train_size=parse_size(rope_train_size) if rope_train_size else None,
+                               batch_size=batch_size,
                                ema=ema, catalogs=catalog, encoder_source=encoder_source, rank=ddp.rank,
                                world_size=ddp.world_size,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))

@@ -133,7 +133,8 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
              device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, preset: str | None = None,
              solver: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
              cfg_interval: Sequence[float] | None = None, shift: float | None = None,
-             rope_extrapolation: str = "none", decouple: bool = False, batch_size: int = 16,
+             rope_extrapolation: str = "none", decouple: bool = False,
+             rope_train_size: tuple[int, int] | None = None, batch_size: int = 16,
              decode_batch_size: int = 8, ema: bool = True, catalogs: Sequence[str | Path] | None = None,
              encoder_source: str | None = None, encoder=None, integration_dtype: torch.dtype = torch.float64,
              grid_count: int = 36, rank: int = 0, world_size: int = 1,
@@ -145,7 +146,8 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
     any of solver/steps/cfg_scale/cfg_interval/shift overriding it. `dtype` is the model's (default
     bfloat16 on CUDA, float32 elsewhere); the state is integrated in `integration_dtype`. RoPE
     extrapolation (none, linear, dynntk, yarn; `decouple` per axis) applies to sizes larger than the
-    checkpoint's largest training size. `catalogs`, when given, are checked against the checkpoint's
+    checkpoint's largest training size, or than `rope_train_size` (H, W in pixels) when given (e.g. a
+    model trained elsewhere at another size). `catalogs`, when given, are checked against the checkpoint's
     data identity. `encoder` replaces the one the checkpoint names (e.g. one already loaded), and
     `encoder_source` the place its weights load from. Ranks own every `world_size`-th sample.
     Bad requests raise ValueError (CheckpointMismatchError for a foreign catalog, CheckpointDamagedError
@@ -172,6 +174,12 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
                         num_classes=int(model_config["num_classes"]),
                         default_size=SAMPLE_PRESETS[preset].size if preset else None)
     train_tokens = tuple(int(v) // patch_size for v in data["max_latent_hw"]) if data.get("max_latent_hw") else None
+    if rope_train_size is not None:  # pixels, as every size nr sample takes; RoPE counts tokens
+        unit = int(saved_encoder["factor"]) * patch_size
+        if len(rope_train_size) != 2 or min(rope_train_size) < unit:
+            raise ValueError(f"rope train size {rope_train_size}: give HxW in pixels, each at least one unit "
+                             f"({unit} px)")
+        train_tokens = (int(rope_train_size[0]) // unit, int(rope_train_size[1]) // unit)
     rope = _rope(rope_extrapolation, decouple, train_tokens, folder)
     if catalogs:
         _check_catalogs(catalogs, data, patch_size, folder)
@@ -194,7 +202,9 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
         "sampler": {**dataclasses.asdict(sampler), "cfg_interval": list(sampler.cfg_interval)},
         "integration_dtype": str(integration_dtype).removeprefix("torch."),
         "model_dtype": str(model_dtype).removeprefix("torch."),
-        "rope": {"mode": rope_extrapolation, "decouple": decouple},
+        "rope": {"mode": rope_extrapolation, "decouple": decouple,
+                 # an override decides pixels; the checkpoint's own size is recorded in the provenance
+                 **({"train_size_tokens": list(train_tokens)} if rope_train_size is not None else {})},
         "base_seed": plan.base_seed, "classes": {k: plan.class_spec[k] for k in ("mode", "classes")},
         "encoder": {k: saved_encoder.get(k) for k in ("name", "factor", "channels", "quantity")},
     }

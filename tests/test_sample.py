@@ -349,3 +349,18 @@ def test_the_decoder_is_judged_by_the_content_of_its_weights_not_where_they_were
     check_data_identity(identity, {**identity, "encoder_weights": ""}, where="ckpt")  # old catalog: no hash
     with pytest.raises(CheckpointMismatchError, match="encoder weights sha256:aa .* sha256:bb"):
         check_data_identity(identity, {**identity, "encoder_weights": "sha256:bb"}, where="ckpt")
+
+
+def test_rope_train_size_overrides_the_checkpoints_own(run, tmp_path):
+    request = SampleRequest(sizes=((16, 16),), count=2, seed=5)
+    as_trained = generate(run["checkpoint"], request, tmp_path / "a", rope_extrapolation="linear", **FAST)
+    assert not as_trained.sizes[0].extrapolated  # 16x16 px = 2x2 tokens, the training size
+    smaller = generate(run["checkpoint"], request, tmp_path / "b", rope_extrapolation="linear",
+                       rope_train_size=(8, 8), **FAST)
+    assert smaller.sizes[0].extrapolated and smaller.sizes[0].beyond_training
+    provenance = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert provenance["rope"]["train_size_tokens"] == [1, 1]
+    assert not np.array_equal(load_npz(as_trained.sizes[0].npz)["arr_0"], load_npz(smaller.sizes[0].npz)["arr_0"])
+    with pytest.raises(ValueError, match="at least one unit"):
+        generate(run["checkpoint"], request, tmp_path / "c", rope_extrapolation="linear", rope_train_size=(4, 4),
+                 **FAST)
