@@ -90,7 +90,7 @@ from nrtrain.attention import BACKENDS, resolve_backend
 from nrtrain.model import PRESETS, NiT, build_model, modulate
 from nrtrain.packed import PackedBatch, packed_from_tokens
 from nrtrain.rope import apply_rope, rope_coordinates, rope_cos_sin
-from nrtrain.train import (TrainConfig, autocast_for, compute_dtype_of, make_optimizer, peak_flops, read_step,
+from nrtrain.train import (TrainConfig, autocast_for, make_optimizer, precision_dtype, peak_flops, read_step,
                            train_step, update_ema)
 from nrtrain.transport import FlowMatchingLoss
 
@@ -324,7 +324,7 @@ def measure_training(device: torch.device, *, preset: str = "XL", max_tokens: in
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*", category=UserWarning)
     cuda = device.type == "cuda"
     autocast = autocast_for(precision, device)
-    dtype = compute_dtype_of(autocast)
+    dtype = precision_dtype(precision, device)
     compile_options = dict(compile_options or {})
     packs = draw_packs(warmup + steps, max_tokens, seed)
     rng = np.random.default_rng(seed + 1)

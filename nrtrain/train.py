@@ -142,19 +142,18 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the model's matmuls and attention run in: bf16 (precision bf16, or auto on CUDA,
+    under autocast) or fp32."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else torch.float32
+
+
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """A factory of the context every forward runs in: bf16 autocast (precision bf16, or auto on CUDA)
-    or nothing. A factory, not a context object: each micro-step enters a fresh one."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """A factory of the context every forward runs in: bf16 autocast where `precision_dtype` says bf16,
+    else nothing. A factory, not a context object: each micro-step enters a fresh one."""
+    if precision_dtype(precision, device) == torch.bfloat16:
         return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     return nullcontext
-
-
-def compute_dtype_of(autocast: Callable[[], ContextManager], parameters_dtype: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype the model's matmuls and attention run in under `autocast` (from `autocast_for`)."""
-    if isinstance(autocast, functools.partial) and autocast.func is torch.autocast:
-        return autocast.keywords["dtype"]
-    return parameters_dtype
 
 
 @dataclass
@@ -281,7 +280,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                         mlp=config.mlp, attention=config.attention, num_classes=num_classes, **projector).to(device)
     # the attention backend is fixed from device, compute dtype and compile before anything is compiled
     # (or written: a backend that cannot run here is refused before the run folder holds anything)
-    model.use_attention(device, compute_dtype_of(autocast), training=True, compiled=config.compile)
+    model.use_attention(device, precision_dtype(config.precision, device), training=True,
+                        compiled=config.compile)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))

@@ -27,7 +27,8 @@ from nrtrain.model import build_model
 from nrtrain.packed import packed_from_tokens
 from nrtrain.transport import FlowMatchingLoss
 from nrtrain.transport.cfg import GuidedField
-from nrtrain.train import NonFiniteLossError, TrainConfig, autocast_for, read_metrics, train, train_step
+from nrtrain.train import (NonFiniteLossError, TrainConfig, autocast_for, precision_dtype, read_metrics, train,
+                           train_step)
 from tests.catalog_factory import make_manifest, make_rows, write_catalog
 from tests.test_sample import pixel_catalog
 
@@ -87,6 +88,9 @@ def test_bf16_autocast_reaches_the_model_in_training():
     assert seen == [torch.bfloat16, torch.bfloat16] and bool(losses.finite)
     assert autocast_for("auto", torch.device("cpu")) is contextlib.nullcontext
     assert autocast_for("fp32", torch.device("cuda")) is contextlib.nullcontext
+    # what the attention backend is chosen for: auto means bf16 on CUDA, fp32 elsewhere
+    assert [precision_dtype(p, torch.device(d)) for p, d in (("auto", "cuda"), ("auto", "cpu"), ("bf16", "cpu"))] \
+        == [torch.bfloat16, torch.float32, torch.bfloat16]
 
 
 def test_sampling_in_bfloat16_hands_the_model_float32_times():
