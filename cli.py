@@ -515,7 +515,7 @@ def sample(
     from nrtrain.checkpoint import CheckpointMismatchError
     from nrtrain.sample import generate
     from nrtrain.sample_plan import SampleRequest, parse_size
-    from nrtrain.train import setup_distributed
+    from nrtrain.distributed import setup_distributed
 
     try:
         request = SampleRequest(

@@ -17,7 +17,7 @@ packings again, with the steps in a new order and new random draws.
 What a batch is. Latents are memory-mapped views of the catalogs' shards (no file per image),
 converted to float32; a stored flipped twin is taken with probability 1/2; for moments catalogs a
 latent is sampled, z = mean + exp(logvar / 2) * eps; then z_norm = (z - mean) / std with the
-statistics of the manifests (pooled when several catalogs, see `normalize`), and patchified with the
+statistics of the manifests (pooled when several catalogs, see `nrtrain.normalization`), and patchified with the
 model's patch size, which must be the one the packs were built for. With `repa_images=True` a batch
 also carries each image's pixels for REPA (`PackedBatch.images`, see `nrtrain.repa.SourcePixels`):
 its source image resized by its row's policy and mirrored when the flip draw took the twin, so the
@@ -70,7 +70,8 @@ from nrdata.catalog.reader import ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
-from nrtrain.normalize import DTYPE_CODES, ITEMSIZES, decode, pooled_normalization, sample_moments, write_tokens
+from nrtrain.latent_kernels import DTYPE_CODES, ITEMSIZES, decode, sample_moments, write_tokens
+from nrtrain.normalization import pooled_normalization
 from nrtrain.packed import PackedBatch
 from nrtrain.repa import SourcePixels
 

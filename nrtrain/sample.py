@@ -361,7 +361,7 @@ def _beyond(size: SizeChoice, train_tokens: tuple[int, int] | None) -> bool:
 
 def _check_catalogs(catalogs: Sequence[str | Path], data: dict[str, Any], patch_size: int, folder: Path) -> None:
     from nrdata.catalog import Catalog
-    from nrtrain.normalize import pooled_normalization
+    from nrtrain.normalization import pooled_normalization
 
     opened = [Catalog(c) for c in catalogs]
     current = data_identity(opened, pooled_normalization(opened), patch_size)

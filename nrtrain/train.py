@@ -17,7 +17,6 @@ import copy
 import functools
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from nrdata.version import code_version
 from nrtrain.checkpoint import (check_data_identity, data_identity, load_training_state, load_weights,
                                 resolve_checkpoint, save_checkpoint)
 from nrtrain.config import TrainConfig, load_config, parse_override  # noqa: F401  (nrtrain.train's API)
+from nrtrain.distributed import Distributed, setup_distributed
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
@@ -57,41 +57,6 @@ class TrainSummary:
 
 
 # -- the pieces -----------------------------------------------------------------------------------
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # we created the process group, so we destroy it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Distributed:
-    """Join torchrun's (or Ray Train's) process group when there is one."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        owns = True
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    else:
-        rank, world, local = 0, 1, 0
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device(device)
-    return Distributed(rank, world, local, dev, owns)
-
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Multiplier of the base learning rate at `step` (linear warmup, then constant or cosine)."""

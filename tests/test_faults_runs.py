@@ -30,7 +30,7 @@ from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result  # noq
 from nrdata.packing.packs_file import lock_path  # noqa: E402
 from nrtrain.checkpoint import data_identity, save_checkpoint  # noqa: E402
 from nrtrain.model import build_model  # noqa: E402
-from nrtrain.normalize import catalog_normalization  # noqa: E402
+from nrtrain.normalization import catalog_normalization  # noqa: E402
 from nrtrain.train import read_metrics, train  # noqa: E402
 
 runner = CliRunner()

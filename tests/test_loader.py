@@ -13,7 +13,7 @@ from nrdata.catalog import Catalog, Normalization
 from nrdata.catalog.manifest import write_manifest
 from nrdata.packing.catalog_packs import PacksMismatchError, locate, open_packs, pack_catalogs, write_pack_result
 from nrtrain.loader import PackedDataset, PackedLoader, pack_generator
-from nrtrain.normalize import NormalizationNotReadyError
+from nrtrain.normalization import NormalizationNotReadyError
 from nrtrain.packed import check_cu_seqlens, pack_latents
 
 SEED = 7
@@ -292,7 +292,7 @@ def test_pinned_batches_equal_the_plain_ones(folder):
 
 
 def test_stored_words_decode_like_numpy_and_torch_for_every_16_bit_pattern():
-    from nrtrain.normalize import DTYPE_CODES, decode
+    from nrtrain.latent_kernels import DTYPE_CODES, decode
 
     words = np.arange(2**16, dtype=np.uint16)
     out = np.empty(words.size, np.float32)

@@ -12,7 +12,7 @@ from nrdata.catalog import Catalog, LatentRow, Manifest
 from nrdata.encoders import PixelEncoder
 from nrtrain.checkpoint import CheckpointMismatchError, data_identity, save_checkpoint
 from nrtrain.model import build_model
-from nrtrain.normalize import catalog_normalization
+from nrtrain.normalization import catalog_normalization
 from nrtrain.packed import patchify
 from nrtrain.sample import LatentDecoder, count_evaluations, generate
 from nrtrain.sample_plan import SAMPLE_PRESETS, SampleRequest, parse_size, plan_samples, resolve_sampler
