@@ -11,7 +11,15 @@ slot, the last remaining row of that length found by a full scan: O(N^2)). The P
 runs on the full histogram (measured); the O(N^2) assignment is run on 0.5% and 1% subsets and the
 full-size figure is extrapolated quadratically, and labelled so.
 
-Usage:  PYTHONPATH=. .venv/bin/python bench/pack_speed.py [--max-tokens 16384] [--repeats 5]
+NiT's tools/pack_dataset.py also takes `--split k`: it cuts the merged meta, in its order, into k
+contiguous chunks of floor(N/k) items, packs each chunk on its own and concatenates the packs; the
+last N mod k items are never packed. That divides the O(N^2) assignment by k and costs efficiency at
+every chunk's tail. The split rows do the same for k = 1, 8, 64 (`--splits`): the Python strategy
+runs on every chunk (measured), pack count and efficiency are exact, and the assignment is measured
+on the first and last chunk where a chunk is small enough (`--measure-chunk-max`) and otherwise
+extrapolated per chunk from the subset fit, labelled so.
+
+Usage:  PYTHONPATH=. .venv/bin/python bench/pack_speed.py [--max-tokens 16384] [--repeats 5] [--splits 1 8 64]
 """
 
 from __future__ import annotations
@@ -196,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 8, 64],
+                    help="NiT's --split values for the baseline rows")
+    ap.add_argument("--measure-chunk-max", type=int, default=80_000,
+                    help="measure the O(N^2) assignment on chunks up to this many items; extrapolate above")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     L = args.max_tokens
@@ -342,7 +354,59 @@ def main(argv=None) -> int:
         f"  EXTRAPOLATED baseline total (measured full strategy + extrapolated assignment): "
         f"{total / 3600:.2f} h vs nr {wall:.3f} s -> ratio {total / wall:,.0f}x (extrapolated)"
     )
+    print()
+    split_rows(lengths, L, args.splits, lambda n: a * n + b * n * n if b > 0 else a2 * n / n2,
+               args.measure_chunk_max, wall, packing)
     return 0
+
+
+def split_rows(lengths, L, splits, predict_assign, measure_max, nr_wall, nr_packing) -> None:
+    """NiT's `--split k` baseline: k contiguous chunks of floor(N/k) items packed one by one, the
+    last N mod k items dropped. Strategy timed on every chunk, assignment measured or extrapolated."""
+    import nrdata.packing as P
+
+    print("baseline with NiT's --split k (contiguous chunks of floor(N/k) items in meta order, packed "
+          "separately, last N mod k items dropped); nr packs all N items at once")
+    print(f"  {'k':>3} {'chunk':>9} {'dropped':>7} {'packs':>8} {'efficiency':>11} {'strategy s':>10} "
+          f"{'assign s':>10}  {'assignment':<36} {'total':>9} {'vs nr':>10}  {'nr eff/base eff':>15}")
+    N = lengths.size
+    for k in splits:
+        n = N // k
+        chunks = [lengths[i * n:(i + 1) * n] for i in range(k)]
+        t_strat, packs, tokens = 0.0, 0, 0
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            strat = python_lpfhp(P.length_histogram(chunk, L), L)
+            t_strat += time.perf_counter() - t0
+            packs += sum(c for c, _ in strat)
+            tokens += int(chunk.sum())
+        eff = tokens / (packs * L)
+        if n <= measure_max:
+            picks = sorted({0, k - 1})
+            times = []
+            for i in picks:
+                strat = python_lpfhp(P.length_histogram(chunks[i], L), L)
+                t0 = time.perf_counter()
+                nit_assign(chunks[i], strat)
+                times.append(time.perf_counter() - t0)
+            t_assign = float(np.mean(times)) * k
+            how = (f"chunk {' and '.join(map(str, picks))} measured, mean x{k}"
+                   f" (fit predicts {predict_assign(n) * k:,.0f} s)")
+            label = f"{len(picks)} of {k} chunks measured"
+        else:
+            t_assign = predict_assign(n) * k
+            how = "EXTRAPOLATED per chunk from the fit, x%d" % k
+            label = "extrap."
+        total = t_strat + t_assign
+        print(f"  {k:>3} {n:>9,} {N - k * n:>7} {packs:>8,} {100 * eff:>10.4f}% {t_strat:>10.2f} "
+              f"{t_assign:>10,.0f}  {how:<36} {_hours(total):>9} {total / nr_wall:>9,.0f}x  "
+              f"{nr_packing.efficiency / eff:>14.5f}x  ({label})")
+    print(f"  nr: all {N:,} items, {nr_packing.n_packs:,} packs, {100 * nr_packing.efficiency:.4f}%, "
+          f"{nr_wall:.3f} s")
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:,.0f} s"
 
 
 if __name__ == "__main__":
