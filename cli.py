@@ -47,6 +47,13 @@ def _root(
     """nr: native-resolution latent diffusion toolkit."""
 
 
+def _note(text: str) -> None:
+    """A one-line note on stderr (an output skipped, say); the text is not rich markup ('nr[plots]')."""
+    from rich.markup import escape
+
+    err_console.print(f"[yellow]note:[/yellow] {escape(text)}")
+
+
 def _open_catalog(path: Path):
     from nrdata.catalog import Catalog, CatalogIntegrityError, ManifestError
 
@@ -93,106 +100,72 @@ def demo(
 
     The same code paths as nr encode / pack / train / sample. Re-running resumes each step.
     """
-    import shutil
     import time
-    import tomllib
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from nrdata.catalog import Catalog, validate_catalog
-    from nrdata.catalog.inspect import plot_size_histograms
-    from nrdata.definitions import load_definition
-    from nrdata.demo_data import write_demo_images
-    from nrdata.packing import packing_report, plot_packing
-    from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result
-    from nrtrain.checkpoint import read_run_info
-    from nrtrain.sample import generate
-    from nrtrain.sample_plan import SampleRequest
-    from nrtrain.config import load_config
-    from nrtrain.train import train as run_training
-    from pipelines.encode import EncodeConfig, EncoderSpec, run_encode
+    from pipelines.demo import run_demo
 
     start = time.perf_counter()
-    definition = load_definition("demo")
-    plan = tomllib.loads(definition.path.read_text())["demo"]
-    images = write_demo_images(out / "images", per_class=per_class or definition.source["per_class"],
-                               seed=definition.source["seed"] if seed is None else seed)
-    console.print(f"[bold]1. images[/bold]  {images.images} textures in {len(images.classes)} classes "
-                  f"+ {images.bad_files} broken files -> {images.root}")
-
-    catalog_path = out / "catalog"
-    config = EncodeConfig(source=str(images.root), out=str(catalog_path),
-                          encoder=EncoderSpec("pixel", factor=definition.encoder["factor"]),
-                          policies=definition.policies, flip=definition.flip, patch_size=definition.patch_size,
-                          max_failure_rate=0.5, notes={"made_by": "nr demo", "definition": str(definition.path)})
-    with Progress(TextColumn("[bold]2. encode[/bold]"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("encode", total=None, rate="starting Ray...")
-        summary = run_encode(config, on_progress=lambda p: bar.update(
-            task, total=p.total, completed=p.done, rate=f"{p.images_per_second:.0f} img/s"))
-    console.print(f"   {summary.encoded} rows encoded, {summary.skipped} already there, {summary.failed} new error "
-                  f"rows (pixel f{definition.encoder['factor']}, variants {', '.join(definition.policies)}, "
-                  f"Ray {summary.ray.get('mode')})")
-
-    report = validate_catalog(catalog_path)
-    cat = Catalog(catalog_path)
-    verdict = "[green]valid[/green]" if report.ok else "[red]INVALID[/red]"
-    sizes_png = plot_size_histograms(cat, out / "catalog_sizes.png")
-    console.print(f"[bold]3. validate[/bold]  {verdict}: {report.rows} rows, {report.shards} shards, "
-                  f"{len(cat.errors())} error rows; sizes -> {sizes_png}")
-    if not report.ok:
+    outcome = run_demo(out, per_class=per_class, seed=seed, steps=steps, observer=_DemoConsole())
+    if not outcome.ok:
         raise typer.Exit(1)
-
-    packs_path = out / "packs.parquet"
-    packed = pack_catalogs([catalog_path], max_tokens=plan["max_tokens"], patch_size=definition.patch_size,
-                           epochs=plan["epochs"], seed=0)
-    write_pack_result(packs_path, packed)
-    pack_report = packing_report(packed.packings[0], packed.ranks[0])
-    plot_packing(out / "packs.png", packed.packings[0], packed.selection.lengths)
-    console.print(f"[bold]4. pack[/bold]  {len(packed.selection.lengths)} rows into "
-                  f"{len(packed.packings[0].tokens)} packs of <= {plan['max_tokens']} tokens per epoch, "
-                  f"{pack_report.efficiency:.1%} full, {plan['epochs']} epochs -> {packs_path}")
-
-    run_dir = out / "run"
-    overrides = {"packs": str(packs_path), "out": str(run_dir)}
-    if steps:
-        overrides["steps"] = steps
-    train_config = load_config(Path(definition.path).parent.parent / plan["train_config"], overrides)
-    try:
-        done = read_run_info(run_dir)["step"]
-    except FileNotFoundError:
-        done = 0
-    if done < train_config.steps:
-        train_config.resume = done > 0
-        train_config.overwrite = done == 0  # what a run stopped before its first checkpoint left is redone
-        with Progress(TextColumn("[bold]5. train[/bold]"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("train", total=train_config.steps, completed=done, loss="")
-            run_training(train_config, on_log=lambda r: bar.update(
-                task, completed=r["step"], loss=f"loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"))
-        # samples of an earlier checkpoint are stale now (nr sample refuses to mix checkpoints in a folder)
-        shutil.rmtree(out / "samples", ignore_errors=True)
-    console.print(f"   {train_config.model} model, {train_config.steps} steps -> {run_dir} "
-                  f"(loss curve {run_dir / 'loss.png'})")
-
-    sizes = [tuple(size) for size in plan["sample_sizes"]]
-    request = SampleRequest(sizes=tuple(sizes), per_class=plan["samples_per_class"],
-                            classes=tuple(range(len(images.classes))), seed=0)
-    with Progress(TextColumn("[bold]6. sample[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
-        task = bar.add_task("sample", total=None)
-        sampled = generate(run_dir, request, out / "samples", steps=plan["sample_steps"], cfg_scale=plan["cfg"],
-                           cfg_interval=tuple(plan["cfg_interval"]), grid_count=len(images.classes) *
-                           plan["samples_per_class"], progress=lambda d, t: bar.update(task, completed=d, total=t))
-    for outcome in sampled.sizes:
-        note = "  [yellow]beyond the training sizes[/yellow]" if outcome.beyond_training else ""
-        console.print(f"   {outcome.size.name} px: {outcome.grid}{note}", soft_wrap=True)
-
+    catalog_path = outcome.catalog
     console.print(f"done in {time.perf_counter() - start:.0f} s. Columns of the grids = classes: "
-                  f"{', '.join(images.classes)}. Look inside:\n"
+                  f"{', '.join(outcome.images.classes)}. Look inside:\n"
                   f"  nr catalog info {catalog_path}\n"
                   f"  python -c \"import polars as pl; print(pl.scan_parquet('{catalog_path}/index/*.parquet')"
                   f".group_by('variant','class_name').len().collect())\"", soft_wrap=True)
+
+
+class _DemoConsole:
+    """The demo's progress bars and one summary line per stage (pipelines.demo.DemoObserver)."""
+
+    NUMBERS = {"images": 1, "encode": 2, "validate": 3, "pack": 4, "train": 5, "sample": 6}
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def begin(self, stage: str, total: int | None, completed: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{self.NUMBERS[stage]}. {stage}[/bold]"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                            console=console)
+        self.bar.start()
+        self.task = self.bar.add_task(stage, total=total, completed=completed, note="")
+
+    def advance(self, completed: int, total: int | None, note: str) -> None:
+        self.bar.update(self.task, completed=completed, total=total, note=note)
+
+    def done(self, stage: str, outcome) -> None:
+        result = getattr(outcome, stage)
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if stage == "notices":
+            for notice in result:
+                _note(notice)
+        elif stage == "images":
+            console.print(f"[bold]1. images[/bold]  {result.images} textures in {len(result.classes)} classes "
+                          f"+ {result.bad_files} broken files -> {result.root}")
+        elif stage == "encode":
+            console.print(f"   {result.encoded} rows encoded, {result.skipped} already there, {result.failed} new "
+                          f"error rows (pixel f{outcome.encoder_factor}, variants {', '.join(outcome.variants)}, "
+                          f"Ray {result.ray.get('mode')})")
+        elif stage == "validate":
+            verdict = "[green]valid[/green]" if result.ok else "[red]INVALID[/red]"
+            console.print(f"[bold]3. validate[/bold]  {verdict}: {result.rows} rows, {result.shards} shards, "
+                          f"{result.error_rows} error rows; sizes -> {result.sizes_png or 'not plotted'}")
+        elif stage == "pack":
+            console.print(f"[bold]4. pack[/bold]  {result.rows} rows into {result.packs} packs of <= "
+                          f"{result.max_tokens} tokens per epoch, {result.efficiency:.1%} full, {result.epochs} "
+                          f"epochs -> {result.path}")
+        elif stage == "train":
+            console.print(f"   {result.model} model, {result.steps} steps -> {result.run_dir} "
+                          f"(loss curve {result.loss_png or 'not plotted'})")
+        elif stage == "sample":
+            for size in result.sizes:
+                note = "  [yellow]beyond the training sizes[/yellow]" if size.beyond_training else ""
+                console.print(f"   {size.size.name} px: {size.grid}{note}", soft_wrap=True)
 
 
 ENCODERS_HELP = "pixel (weight-free), dc-ae-f32c32, sd-vae-ft-ema or va-vae-f16d32"
@@ -236,6 +209,10 @@ def encode(
     max_failure_rate: Annotated[float, typer.Option(help="Stop when more than this fraction of images fails "
                                                          "(checked after 500).")] = 0.05,
     shard_rows: Annotated[int, typer.Option(help="Rows per catalog shard (a commit point).")] = 2048,
+    repa_pixels: Annotated[int, typer.Option(
+        help="Also store each latent's REPA image, this many pixels per latent cell (uint8, read by `nr train` "
+             "with REPA instead of decoding the source at every step): the REPA encoder's patch size / the model's "
+             "patch size, e.g. 16 for RADIO or a ViT-/16 on DC-AE f32 with patch 1. 0 stores none.")] = 0,
 ) -> None:
     """Encode images into a latent catalog on Ray Data, at native resolution and fixed crops.
 
@@ -265,7 +242,7 @@ def encode(
         policies=tuple(variant or (spec.policies if spec else ("native",))),
         flip=flip if flip is not None else (spec.flip if spec else True),
         patch_size=patch_size or (spec.patch_size if spec else 1), batch_pixels=batch_pixels, limit=limit, ray_address=ray_address,
-        encoders=encoders, max_failure_rate=max_failure_rate, shard_rows=shard_rows,
+        encoders=encoders, max_failure_rate=max_failure_rate, shard_rows=shard_rows, repa_pixels=repa_pixels,
         notes={"definition": str(spec.path)} if spec else {},
     )
     columns = (TextColumn("[bold]encode[/bold]"), BarColumn(), MofNCompleteColumn(),
@@ -329,6 +306,7 @@ def pack(
     """
     import json
 
+    from nrdata.extras import available, missing_notice
     from nrdata.packing import packing_report, plot_packing, write_nit_sampler_meta
     from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result
     from nrdata.packing.packs_file import PacksLockedError, PackWriteError, pack_outputs
@@ -338,6 +316,7 @@ def pack(
             err_console.print(f"[red]error:[/red] {name} {value}: must be >= 1")
             raise typer.Exit(2)
     report_path, png_path = out.with_suffix(".report.json"), out.with_suffix(".png")
+    plots = available("matplotlib")
     try:
         # the lock is taken first, so a second `nr pack` to the same --out is refused before it packs
         with pack_outputs(out) as outputs:
@@ -358,7 +337,8 @@ def pack(
             summary = {"packs_file": str(out), **result.metadata, "epoch0": report.as_dict()}
             outputs.write(out, lambda tmp: write_pack_result(tmp, result))
             outputs.write(report_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
-            outputs.write(png_path, lambda tmp: plot_packing(tmp, result.packings[0], result.selection.lengths))
+            if plots:
+                outputs.write(png_path, lambda tmp: plot_packing(tmp, result.packings[0], result.selection.lengths))
             if nit_json:
                 outputs.write(nit_json, lambda tmp: write_nit_sampler_meta(tmp, nit_packs))
     except (ValueError, PacksLockedError, PackWriteError) as exc:
@@ -366,7 +346,9 @@ def pack(
         raise typer.Exit(1 if isinstance(exc, PackWriteError) else 2) from None
     console.print(report.format(), soft_wrap=True)
     console.print(f"{len(result.selection.lengths):,} rows from {len(catalogs)} catalog(s), {epochs} epoch(s) -> {out}")
-    console.print(f"report: {report_path}, plot: {png_path}")
+    console.print(f"report: {report_path}, plot: {png_path if plots else 'none'}")
+    if not plots:
+        _note(missing_notice("matplotlib", skipped=png_path.name))
     if nit_json:
         console.print(f"NiT sampler-meta (epoch 0): {nit_json}")
 
@@ -396,6 +378,7 @@ def train(
     One process per GPU with torchrun: torchrun --nproc_per_node 8 $(which nr) train CONFIG ...
     Writes config.json, metrics.jsonl, TensorBoard logs, loss.png and checkpoints/step-*/ to --out.
     """
+    from nrdata.extras import MissingExtraError
     from nrdata.packing.catalog_packs import PacksMismatchError
     from nrtrain.checkpoint import CheckpointMismatchError, CheckpointWriteError
     from nrtrain.config import load_config, parse_override
@@ -424,6 +407,10 @@ def train(
             console.print(f"step {record['step']:>7}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                           f"{record['images_per_step']:.0f} img/step  {record['tokens_per_s']:,.0f} tok/s{extra}")
 
+        from nrtrain.run_folder import run_notices
+
+        for notice in run_notices(cfg):
+            _note(notice)
         if ray_workers:
             from nrtrain.ray_train import train_on_ray
 
@@ -431,6 +418,11 @@ def train(
             console.print(f"Ray Train finished; checkpoints and metrics in {cfg.out}")
             return
         summary = run_training(cfg, on_log=show)
+    except MissingExtraError as exc:  # its message names 'nr[ray-train]', which must not be read as markup
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     except (ValueError, FileNotFoundError, CheckpointMismatchError, PacksMismatchError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -486,6 +478,9 @@ def sample(
         show_default=False)] = None,
     shift: Annotated[Optional[float], typer.Option(help="Timestep shift (>1 spends steps near noise).",
                                                    show_default=False)] = None,
+    heun_guidance: Annotated[Optional[str], typer.Option(
+        help="heun only: guide the corrector by its own time ('corrector') or by the step's start ('step-start', "
+             "NiT's sampler) [default: step-start with a nit-* preset, else corrector].", show_default=False)] = None,
     rope_extrapolation: Annotated[str, typer.Option(help="For sizes beyond training: none, linear, dynntk, "
                                                          "yarn.")] = "none",
     decouple: Annotated[bool, typer.Option(help="Extrapolate each axis by its own ratio (FiT).")] = False,
@@ -513,7 +508,7 @@ def sample(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from nrtrain.checkpoint import CheckpointMismatchError
-    from nrtrain.sample import generate
+    from nrtrain.sample import SampleSettings, generate
     from nrtrain.sample_plan import SampleRequest, parse_size
     from nrtrain.distributed import setup_distributed
 
@@ -530,13 +525,13 @@ def sample(
                   console=console, disable=not ddp.main) as bar:
         task = bar.add_task("sample", total=None)
         try:
-            summary = generate(checkpoint, request, out, device=ddp.device, dtype=dtype, preset=preset, solver=solver,
-                               steps=steps, cfg_scale=cfg, cfg_interval=cfg_interval, shift=shift,
-                               rope_extrapolation=rope_extrapolation, decouple=decouple,
-                               rope_train_size=parse_size(rope_train_size) if rope_train_size else None,
-                               batch_size=batch_size,
-                               ema=ema, catalogs=catalog, encoder_source=encoder_source, rank=ddp.rank,
-                               world_size=ddp.world_size,
+            settings = SampleSettings(
+                preset=preset, solver=solver, steps=steps, cfg_scale=cfg, cfg_interval=cfg_interval, shift=shift,
+                heun_guidance=heun_guidance, rope_extrapolation=rope_extrapolation, decouple=decouple,
+                rope_train_size=parse_size(rope_train_size) if rope_train_size else None, device=ddp.device,
+                dtype=dtype, batch_size=batch_size, ema=ema, catalogs=tuple(catalog or ()),
+                encoder_source=encoder_source, rank=ddp.rank, world_size=ddp.world_size)
+            summary = generate(checkpoint, request, out, settings,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
         except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
             err_console.print(f"[red]error:[/red] {exc}")
@@ -742,7 +737,15 @@ def catalog_stats(
             table.add_row(str(i), f"{mean:+.4f}", f"{std:.4f}")
         console.print(table)
     if png:
-        console.print(f"wrote {plot_size_histograms(cat, png)}")
+        from rich.markup import escape
+
+        from nrdata.extras import MissingExtraError
+
+        try:
+            console.print(f"wrote {plot_size_histograms(cat, png)}")
+        except MissingExtraError as exc:
+            err_console.print(f"[red]error:[/red] --png: {escape(str(exc))}")
+            raise typer.Exit(2) from None
 
 
 @catalog_app.command("validate")

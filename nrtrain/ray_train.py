@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
+from nrdata.extras import require
 from nrtrain.checkpoint import CheckpointMismatchError, resolve_checkpoint
 from nrtrain.train import NonFiniteLossError, TrainConfig
 
@@ -37,7 +38,9 @@ def _worker(config: dict) -> None:
 
 
 def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool | None = None, address: str | None = None):
-    """Run `config` on `workers` Ray Train workers; returns Ray's Result. Checkpoints land in config.out."""
+    """Run `config` on `workers` Ray Train workers; returns Ray's Result. Checkpoints land in config.out.
+    Raises MissingExtraError when Ray Train is not installed (`pip install 'nr[ray-train]'`)."""
+    require("ray.train")
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nrdata.catalog.atomic import atomic_write_bytes
+from nrdata.extras import available, missing_notice
 from nrtrain.checkpoint import resolve_checkpoint, verify_checkpoint
 from nrtrain.config import TrainConfig
 
@@ -112,8 +113,26 @@ def preflight(out: Path, config: TrainConfig) -> tuple[Path | None, dict[str, An
     return checkpoint, saved
 
 
+def tensorboard_notice(config: TrainConfig) -> str | None:
+    """One line when `config` asks for TensorBoard logs (the default) and TensorBoard is not installed."""
+    if config.tensorboard and not available("torch.utils.tensorboard"):
+        return (missing_notice("torch.utils.tensorboard", skipped="TensorBoard logging")
+                + " (or --set tensorboard=false)")
+    return None
+
+
+def run_notices(config: TrainConfig) -> list[str]:
+    """One line for each output of a run with `config` that will be skipped because its optional
+    dependency is missing (TensorBoard events, loss.png); the CLI prints them before training."""
+    notices = [tensorboard_notice(config)]
+    if not available("matplotlib"):
+        notices.append(missing_notice("matplotlib", skipped="loss.png"))
+    return [notice for notice in notices if notice]
+
+
 class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (when installed), written by rank 0."""
+    """metrics.jsonl (always) and TensorBoard (when asked for and installed: `run_notices` says when
+    not), written by rank 0."""
 
     def __init__(self, out: Path, tensorboard: bool, resumed_step: int | None = None) -> None:
         self.path = out / "metrics.jsonl"
@@ -122,7 +141,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                pass
+                pass  # reported once, before training, by run_notices
             else:
                 # a resumed run purges the events logged after its checkpoint, as metrics.jsonl is truncated
                 self.board = SummaryWriter(str(out / "tensorboard"),
@@ -147,9 +166,10 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(out: str | Path) -> Path | None:
-    """loss.png next to metrics.jsonl: the logged loss against the step."""
+    """loss.png next to metrics.jsonl: the logged loss against the step. None when nothing is logged
+    yet or matplotlib is not installed (an incidental plot; `run_notices` reports it)."""
     records = read_metrics(out)
-    if not records:
+    if not records or not available("matplotlib"):
         return None
     import matplotlib
 

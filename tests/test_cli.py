@@ -97,3 +97,52 @@ def test_export_nit_and_import_it_back_through_the_cli(tmp_path):
         mine = rows_a[(r["key"], r["variant"])]
         assert (r["label"], r["latent_h"], r["latent_w"]) == (mine["label"], mine["latent_h"], mine["latent_w"])
         assert (b.latent(r["row_id"]) == a.latent(mine["row_id"])).all()
+
+
+def _not_installed(monkeypatch, *names: str) -> None:
+    """Importing any of `names` (and their submodules) raises ImportError, as when it is not installed."""
+    import sys
+
+    for name in names:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            monkeypatch.delitem(sys.modules, loaded)
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_without_the_optional_extras_plots_and_logs_are_skipped_with_a_note(demo_out, tmp_path, monkeypatch):
+    _not_installed(monkeypatch, "matplotlib", "tensorboard", "torch.utils.tensorboard", "ray.train")
+    cat = str(demo_out / "catalog")
+    packs = tmp_path / "packs.parquet"
+    result = runner.invoke(app, ["pack", cat, "-L", "1024", "--out", str(packs)])
+    assert result.exit_code == 0, result.output
+    assert packs.is_file() and packs.with_suffix(".report.json").is_file() and not packs.with_suffix(".png").exists()
+    assert "matplotlib is not installed: packs.png skipped; pip install 'nr[plots]'" in result.output
+
+    # a plot the user asked for is an error, not a note
+    png = tmp_path / "sizes.png"
+    stats = runner.invoke(app, ["catalog", "stats", cat, "--png", str(png)])
+    assert stats.exit_code == 2 and "pip install 'nr[plots]'" in stats.output and not png.exists()
+
+    # nr train: a note for each skipped output first; Ray Train missing stops with the extra to install
+    ray = runner.invoke(app, ["train", "--packs", str(packs), "--out", str(tmp_path / "run"), "--ray-workers", "2"])
+    assert ray.exit_code == 2, ray.output
+    assert "TensorBoard logging skipped; pip install 'nr[tensorboard]'" in ray.output
+    assert "loss.png skipped; pip install 'nr[plots]'" in ray.output
+    assert "Ray Train (nr train --ray-workers): ray[train] is not installed" in ray.output
+    assert "pip install 'nr[ray-train]'" in ray.output and not (tmp_path / "run").exists()
+
+
+def test_the_training_log_without_tensorboard_or_matplotlib(tmp_path, monkeypatch):
+    from nrtrain.config import TrainConfig
+    from nrtrain.run_folder import MetricsLog, plot_loss, run_notices
+
+    _not_installed(monkeypatch, "matplotlib", "tensorboard", "torch.utils.tensorboard")
+    assert len(run_notices(TrainConfig(tensorboard=True))) == 2
+    assert [n for n in run_notices(TrainConfig(tensorboard=False)) if "TensorBoard" in n] == []
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write({"step": 1, "loss": 0.5})
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1 and not (tmp_path / "tensorboard").exists()
+    assert plot_loss(tmp_path) is None and not (tmp_path / "loss.png").exists()
+    monkeypatch.undo()
+    assert plot_loss(tmp_path) == tmp_path / "loss.png" and (tmp_path / "loss.png").stat().st_size > 1000

@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from nrdata.catalog.reader import Catalog
+from nrdata.extras import require
 
 # log2(w/h) bin edges: 1:4 .. 4:1, so each bin is one "doubling" of elongation split in halves
 ASPECT_EDGES = np.array([-np.inf, -1.75, -1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 1.75, np.inf])
@@ -89,8 +90,9 @@ def size_histograms(cat: Catalog, variant: str | None = None) -> list[Histogram]
 
 
 def plot_size_histograms(cat: Catalog, png: Path) -> Path:
-    """A PNG with the latent-size scatter (h against w, per variant) and the aspect histogram."""
-    import matplotlib
+    """A PNG with the latent-size scatter (h against w, per variant) and the aspect histogram.
+    Raises MissingExtraError when matplotlib is not installed."""
+    matplotlib = require("matplotlib")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nrdata.extras import require
 from nrdata.packing.assign import Packing
 
 
@@ -109,8 +110,10 @@ def packing_report(packing: Packing, ranks=None) -> PackingReport:
 def plot_packing(path, packing: Packing, lengths=None, *, dpi: int = 110) -> Path:
     """PNG with the histogram of item lengths (when ``lengths`` is given) and of pack fill.
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change). Raises
+    MissingExtraError when matplotlib is not installed.
     """
+    require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
