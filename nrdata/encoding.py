@@ -21,6 +21,7 @@ from nrdata.catalog import CatalogWriter, LatentRow, Manifest, WriteSummary
 from nrdata.encoders.base import Encoder
 from nrdata.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from nrdata.policies import ResolutionPolicy
+from nrdata.repa_images import repa_views
 from nrdata.sources import SourceItem
 
 # Images per encoder call are bounded by pixels, not by count: 32 images of 512² (flips included).
@@ -51,8 +52,9 @@ class PreparedItem:
 
 
 def catalog_manifest(encoder: Encoder, policies: Iterable[ResolutionPolicy], *, flip: bool,
-                     source_root: str = "", notes: dict | None = None) -> Manifest:
+                     source_root: str = "", notes: dict | None = None, repa_pixels: int = 0) -> Manifest:
     return Manifest(
+        repa_pixels=repa_pixels,
         encoder=encoder.info,
         encoder_weights=getattr(encoder, "weights_id", ""),
         dtype=encoder.dtype,
@@ -131,16 +133,23 @@ def _encode_splitting(encoder: Encoder, pixels: np.ndarray) -> list:
 
 
 def encode_prepared(encoder: Encoder, images: list[PreparedImage], *, flip: bool,
-                    batch_pixels: int = DEFAULT_BATCH_PIXELS) -> tuple[list[LatentRow], list[ErrorTuple]]:
-    """Encode prepared images in same-shape batches; with `flip` the mirrored twin rides in the same batch."""
+                    batch_pixels: int = DEFAULT_BATCH_PIXELS,
+                    repa_pixels: int = 0) -> tuple[list[LatentRow], list[ErrorTuple]]:
+    """Encode prepared images in same-shape batches; with `flip` the mirrored twin rides in the same batch.
+
+    With `repa_pixels` k > 0 each row also carries its REPA view (`nrdata.repa_images.repa_views`:
+    the pixels at k per latent cell; the twin's is its mirror, not stored)."""
     rows: list[LatentRow] = []
     errors: list[ErrorTuple] = []
     for batch in shape_batches(images, batch_pixels=batch_pixels, flip=flip):
         pixels = np.stack([image.pixels for image in batch])
-        if flip:
-            pixels = np.concatenate([pixels, pixels[:, :, ::-1]])
-        outputs = _encode_splitting(encoder, np.ascontiguousarray(pixels))
+        encoded = np.concatenate([pixels, pixels[:, :, ::-1]]) if flip else pixels
+        outputs = _encode_splitting(encoder, np.ascontiguousarray(encoded))
         n = len(batch)
+        views = None
+        if repa_pixels:  # one shape per batch: images of one shape have latents of one shape
+            latent_hw = next((tuple(o.shape[-2:]) for o in outputs if not isinstance(o, BaseException)), None)
+            views = repa_views(pixels, latent_hw, repa_pixels) if latent_hw else None
         for i, image in enumerate(batch):
             latent, twin = outputs[i], outputs[n + i] if flip else None
             failure = next((o for o in (latent, twin) if isinstance(o, BaseException)), None)
@@ -152,6 +161,7 @@ def encode_prepared(encoder: Encoder, images: list[PreparedImage], *, flip: bool
                 key=image.key, variant=image.variant, latent=latent, latent_flip=twin, label=image.label,
                 class_name=image.class_name, source=image.source, orig_w=image.orig_w, orig_h=image.orig_h,
                 image_w=image.pixels.shape[1], image_h=image.pixels.shape[0],
+                repa_image=None if views is None else views[i],
             ))
     return rows, errors
 
@@ -173,7 +183,8 @@ def encode_locally(items: Iterable[SourceItem], writer: CatalogWriter, encoder: 
 
     def flush() -> None:
         nonlocal count
-        rows, errors = encode_prepared(encoder, pending, flip=flip, batch_pixels=batch_pixels)
+        rows, errors = encode_prepared(encoder, pending, flip=flip, batch_pixels=batch_pixels,
+                                       repa_pixels=writer.manifest.repa_pixels)
         write_results(writer, rows, errors)
         pending.clear()
         if on_items:

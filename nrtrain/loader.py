@@ -18,11 +18,13 @@ What a batch is. Latents are memory-mapped views of the catalogs' shards (no fil
 converted to float32; a stored flipped twin is taken with probability 1/2; for moments catalogs a
 latent is sampled, z = mean + exp(logvar / 2) * eps; then z_norm = (z - mean) / std with the
 statistics of the manifests (pooled when several catalogs, see `nrtrain.normalization`), and patchified with the
-model's patch size, which must be the one the packs were built for. With `repa_images=True` a batch
-also carries each image's pixels for REPA (`PackedBatch.images`, see `nrtrain.repa.SourcePixels`):
-its source image resized by its row's policy and mirrored when the flip draw took the twin, so the
-pixels always match the latent; the source images are read from the manifests' source_root or
-`image_root`.
+model's patch size, which must be the one the packs were built for. With `repa_images` a batch
+also carries each image's pixels for REPA (`PackedBatch.images`, uint8 [H, W, 3]), mirrored when the
+flip draw took the twin, so the pixels always match the latent: "stored" reads the REPA images the
+catalogs keep beside the latents (`nr encode --repa-pixels`), memory-mapped like them and copied into
+the batch's buffer by one compiled pass; "source" decodes each row's source image and resizes it by
+its row's policy at every step (`nrtrain.repa.SourcePixels`, under the manifests' source_root or
+`image_root`), for catalogs encoded without them.
 
 Randomness. Every draw of a pack comes from one generator seeded by (seed, epoch, pack_id) (see
 `pack_generator`), so a batch is a function of its cursor alone: it does not depend on the number
@@ -32,7 +34,7 @@ Workers. With k DataLoader workers, worker w builds steps w, w+k, ...; the DataL
 them round robin, so batches arrive in step order. The cursor is counted in the main process as
 batches are handed out, which is what makes `state_dict()` exact. A batch is built by one compiled
 pass over the shard maps (`_fill_pack`) into a shared-memory slot that the training process reads
-in place (see "moving batches" below).
+in place (`nrtrain.batch_transfer`).
 
 Damaged data. Before a latent's values enter a batch, its bytes are checked against the CRC-32 the
 writer recorded, inside the same compiled pass (`nrdata.catalog.checksum`, PCLMULQDQ-folded on
@@ -50,9 +52,7 @@ the loader is built, before any batch (`nrdata.catalog.reader`).
 from __future__ import annotations
 
 import hashlib
-import math
 import uuid
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,10 +70,11 @@ from nrdata.catalog.reader import ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
+from nrtrain.batch_transfer import POOLS, REPA_SPAN, InBuffer, InSlot, SlotPool, batch_layout, batch_views
 from nrtrain.latent_kernels import DTYPE_CODES, ITEMSIZES, decode, sample_moments, write_tokens
 from nrtrain.normalization import pooled_normalization
 from nrtrain.packed import PackedBatch
-from nrtrain.repa import SourcePixels
+from nrtrain.repa import SourcePixels, stored_repa_rows
 
 # Tags that keep the loader's random streams apart from each other and from the packer's.
 _PACK_STREAM = 0x6C6F6164  # "load"
@@ -138,16 +139,20 @@ class PackedDataset(IterableDataset):
     `patch_size` defaults to the one the packs were built for and must equal it. `epochs` counts
     epochs to read (default: those the file holds); `steps` stops after that many batches
     counted from the first step of the first epoch. Positions run 0 .. num_steps - 1.
-    `repa_images` adds each image's source pixels to every batch (REPA), read under `image_root`
-    when given, else under each catalog's source_root. `verify=False` skips the checksum of the rows
-    read (see "Damaged data" above; for measuring what the check costs).
+    `repa_images` adds each image's pixels to every batch (REPA): "stored" from the catalogs'
+    REPA images (every catalog must store them; with `repa_patch_size`, the REPA encoder's patch size,
+    at repa_patch_size / patch_size pixels per latent cell), "source" decoded from the source images
+    under `image_root` when given, else under each catalog's source_root. `verify=False` skips the
+    checksum of the rows read (see "Damaged data" above; for measuring what the check costs).
     """
 
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 steps: int | None = None, repa_images: bool = False, image_root: str | Path | None = None,
-                 verify: bool = True) -> None:
+                 steps: int | None = None, repa_images: str | None = None, image_root: str | Path | None = None,
+                 repa_patch_size: int | None = None, verify: bool = True) -> None:
         super().__init__()
+        if repa_images not in (None, "stored", "source"):
+            raise ValueError(f"repa_images must be None, 'stored' or 'source', got {repa_images!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if seed < 0:
@@ -178,7 +183,10 @@ class PackedDataset(IterableDataset):
         # that forked workers share it
         self._verified = torch.zeros(len(self._rows["crc"]), dtype=torch.uint8).share_memory_()
         self._buffers: List | None = None  # the shards' bytes, memory-mapped by each process itself
-        self._source_pixels = SourcePixels(opened, image_root) if repa_images else None
+        self._source_pixels = SourcePixels(opened, image_root) if repa_images == "source" else None
+        self._repa = (stored_repa_rows(opened, self.patch_size, repa_patch_size)
+                      if repa_images == "stored" else None)
+        self._repa_buffers: List | None = None  # the shards' REPA images, memory-mapped by each process itself
 
         row_ids = table.column("row_ids").combine_chunks()
         self._pack_rows = row_ids.flatten().to_numpy()
@@ -193,8 +201,8 @@ class PackedDataset(IterableDataset):
         self.num_steps = self._bounded(epochs, steps)
         self.start = 0  # position the next iteration starts at
         self.pool_key: str | None = None  # set by PackedLoader for the workers it starts
-        self.batch_capacity = _batch_layout(int(pc.max(table["tokens"]).as_py()), int(pc.max(table["images"]).as_py()),
-                                            self.token_dim)[1]
+        self.batch_capacity = batch_layout(int(pc.max(table["tokens"]).as_py()), int(pc.max(table["images"]).as_py()),
+                                           self.token_dim, self._most_repa_bytes())[1]
         if self.num_steps:  # loads the compiled kernels now, before any worker forks
             self.batch(0)
 
@@ -260,14 +268,15 @@ class PackedDataset(IterableDataset):
         rows = self._rows
         draws = generator.random(len(row_ids))
         noise = generator.standard_normal(int(rows["noise"][row_ids].sum()), dtype=np.float32)
-        spans, size = _batch_layout(int(rows["tokens"][row_ids].sum()), len(row_ids), self.token_dim)
+        repa_bytes = 0 if self._repa is None else int(self._repa["nbytes"][row_ids].sum())
+        spans, size = batch_layout(int(rows["tokens"][row_ids].sum()), len(row_ids), self.token_dim, repa_bytes)
         if slot is not None and size > slot.numel():
             raise ValueError(f"a batch of {size} bytes does not fit a slot of {slot.numel()}")
         if slot is None:
             slot = torch.empty(size, dtype=torch.uint8)
             if get_worker_info() is not None:  # fill shared memory directly rather than copy into it when sent
                 slot.share_memory_()
-        batch = _batch_views(slot, spans, 0)
+        batch = batch_views(slot, spans, 0)
         longest = _fill_pack(
             self._shard_buffers(), row_ids, rows["catalog"], rows["h"], rows["w"], rows["flip"], rows["shard"],
             rows["offset"], rows["label"], rows["crc"], rows["halves"], self._verified.numpy(), self.verify, self._codes,
@@ -277,10 +286,38 @@ class PackedDataset(IterableDataset):
         if longest < 0:
             self._refuse_row(int(row_ids[-longest - 1]))
         batch.max_seqlen = longest
+        flips = (draws < 0.5) & rows["flip"][row_ids]
         if self._source_pixels is not None:
-            flips = (draws < 0.5) & rows["flip"][row_ids]
             batch.images = [self._source_pixels.pixels(r, flip=f) for r, f in zip(row_ids.tolist(), flips.tolist())]
+        if self._repa is not None:
+            repa = self._repa
+            start = spans[REPA_SPAN][0]
+            _copy_repa_images(self._repa_shard_buffers(), row_ids, rows["shard"], repa["offset"], repa["h"], repa["w"],
+                              flips, slot[start: start + repa_bytes].numpy())
+            batch = batch_views(slot, spans, longest, image_shapes=self.image_shapes(row_ids))
         return batch, spans, size
+
+    def image_shapes(self, row_ids: np.ndarray) -> list[tuple[int, int]] | None:
+        """(H, W) of the stored REPA images of `row_ids`, as a batch's REPA span holds them; None without."""
+        if self._repa is None:
+            return None
+        return list(zip(self._repa["h"][row_ids].tolist(), self._repa["w"][row_ids].tolist()))
+
+    def _most_repa_bytes(self) -> int:
+        """The largest REPA span of any pack (0 without stored REPA images): what a pool slot must hold."""
+        if self._repa is None or not len(self._pack_rows):
+            return 0
+        per_row = self._repa["nbytes"][self._pack_rows]
+        return int(np.add.reduceat(per_row, self._pack_offsets[:-1][np.diff(self._pack_offsets) > 0]).max())
+
+    def _repa_shard_buffers(self) -> List:
+        """Every shard's REPA image bytes, in shard-number order."""
+        if self._repa_buffers is None:
+            buffers = List()
+            for path in self._shard_paths:
+                buffers.append(ShardView(path).repa[1])
+            self._repa_buffers = buffers
+        return self._repa_buffers
 
     def _refuse_row(self, row: int) -> None:
         """Raise the CorruptLatentError of merged row `row`, whose checksum the compiled pass found wrong."""
@@ -306,7 +343,7 @@ class PackedDataset(IterableDataset):
     def __getstate__(self) -> dict:
         # Workers started by spawn or forkserver get the dataset pickled: memory maps do not
         # travel, so each such worker maps the shards itself.
-        return {**self.__dict__, "_buffers": None}
+        return {**self.__dict__, "_buffers": None, "_repa_buffers": None}
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
@@ -314,15 +351,19 @@ class PackedDataset(IterableDataset):
             for position in range(self.start, self.num_steps):
                 yield self.batch(position)
             return
-        pool = _POOLS.get(self.pool_key)  # absent when the workers were not forked from a PackedLoader
+        pool = POOLS.get(self.pool_key)  # absent when the workers were not forked from a PackedLoader
         for n, position in enumerate(range(self.start + info.id, self.num_steps, info.num_workers)):
             slot = None if pool is None else pool.claim(info.id, n)
             if slot is None:
                 batch, spans, _ = self._batch(position, None)
-                yield _InBuffer(batch.tokens.untyped_storage(), spans, batch.max_seqlen, batch.images)
+                stored = self.image_shapes(batch.row_ids.numpy())
+                yield InBuffer(batch.tokens.untyped_storage(), spans, batch.max_seqlen,
+                               None if stored else batch.images, stored)
             else:
                 batch, spans, size = self._batch(position, pool.slot(info.id, slot))
-                yield _InSlot(self.pool_key, info.id, slot, spans, size, batch.max_seqlen, batch.images)
+                stored = self.image_shapes(batch.row_ids.numpy())
+                yield InSlot(self.pool_key, info.id, slot, spans, size, batch.max_seqlen,
+                             None if stored else batch.images, stored)
 
 
 @njit(cache=True, nogil=True)
@@ -381,6 +422,29 @@ def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of
         cu_seqlens[j + 1] = token
         longest = max(longest, h * w)
     return longest
+
+
+@njit(cache=True, nogil=True)
+def _copy_repa_images(buffers, row_ids, shard_of, offsets, heights, widths, flips, out):
+    """The stored REPA images of `row_ids`, one after the other into `out`, mirrored left-right where
+    `flips` says (the image of the flipped twin)."""
+    at = 0
+    for j in range(row_ids.shape[0]):
+        r = row_ids[j]
+        source = buffers[shard_of[r]]
+        start, h, w = offsets[r], heights[r], widths[r]
+        if flips[j]:
+            for y in range(h):
+                line = start + y * w * 3
+                for x in range(w):
+                    src = line + (w - 1 - x) * 3
+                    dst = at + (y * w + x) * 3
+                    out[dst] = source[src]
+                    out[dst + 1] = source[src + 1]
+                    out[dst + 2] = source[src + 2]
+        else:
+            out[at: at + h * w * 3] = source[start: start + h * w * 3]
+        at += h * w * 3
 
 
 def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tuple[dict[str, np.ndarray], list[Path]]:
@@ -494,104 +558,6 @@ def _unchained(crc, ops, flip, chained):
     return -1
 
 
-# -- moving batches from workers to the training process -------------------------------------
-#
-# Every tensor of a batch is a view of one byte buffer (64-byte aligned spans), so that a batch
-# crosses processes as one buffer. A new shared-memory segment per batch costs more than building
-# the batch (creating, mapping and faulting in 2.6 MB on both sides), so `PackedLoader` gives its
-# workers a pool of slots allocated once: a worker fills a free slot, the training process reads
-# the batch in place, and the slot is freed when the last tensor of that batch is garbage. A
-# worker that finds its slot still held falls back to a new segment: holding batches for longer
-# (keeping a list of them) costs speed, never correctness, and nothing ever waits on the pool.
-
-_BATCH_DTYPES = {"tokens": torch.float32, "positions": torch.int64, "image_ids": torch.int64, "sizes": torch.int64,
-                 "labels": torch.int64, "row_ids": torch.int64, "cu_seqlens": torch.int32}
-
-
-def _batch_layout(num_tokens: int, num_images: int, token_dim: int) -> tuple[dict, int]:
-    shapes = {"tokens": (num_tokens, token_dim), "positions": (num_tokens, 2), "image_ids": (num_tokens,),
-              "sizes": (num_images, 2), "labels": (num_images,), "row_ids": (num_images,),
-              "cu_seqlens": (num_images + 1,)}
-    spans, size = {}, 0
-    for name, dtype in _BATCH_DTYPES.items():
-        spans[name] = (size, shapes[name])
-        size += -(-math.prod(shapes[name]) * dtype.itemsize // 64) * 64
-    return spans, size
-
-
-def _batch_views(buffer: torch.Tensor, spans: dict, max_seqlen: int,
-                 images: list[np.ndarray] | None = None) -> PackedBatch:
-    views = {}
-    for name, (start, shape) in spans.items():
-        dtype = _BATCH_DTYPES[name]
-        views[name] = buffer[start: start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-    return PackedBatch(max_seqlen=max_seqlen, images=images, **views)
-
-
-class _SlotPool:
-    """Per worker, `slots` shared byte buffers of `capacity` bytes and a busy flag for each."""
-
-    def __init__(self, workers: int, slots: int, capacity: int) -> None:
-        self.buffers = torch.empty((workers, slots, capacity), dtype=torch.uint8).share_memory_()
-        self.busy = torch.zeros((workers, slots), dtype=torch.int8).share_memory_()
-        self._busy = self.busy.numpy()
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._busy = self.busy.numpy()
-
-    def __getstate__(self) -> dict:
-        return {"buffers": self.buffers, "busy": self.busy}
-
-    def claim(self, worker: int, n: int) -> int | None:
-        """The slot for a worker's n-th batch, or None while the training process still holds it."""
-        slot = n % self._busy.shape[1]
-        if self._busy[worker, slot]:
-            return None
-        self._busy[worker, slot] = 1
-        return slot
-
-    def slot(self, worker: int, slot: int) -> torch.Tensor:
-        return self.buffers[worker, slot]
-
-    def release(self, worker: int, slot: int) -> None:
-        self._busy[worker, slot] = 0
-
-
-_POOLS: dict[str, _SlotPool] = {}  # pools of the loaders iterating in this process, by key
-
-
-class _InSlot:
-    """A batch in a pool slot: pickled as where it is, unpickled (in the training process) as views
-    of the slot that free it when the last of them is gone."""
-
-    def __init__(self, key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int,
-                 images: list[np.ndarray] | None) -> None:
-        self.args = (key, worker, slot, spans, size, max_seqlen, images)
-
-    def __reduce__(self):
-        return _batch_from_slot, self.args
-
-
-def _batch_from_slot(key: str, worker: int, slot: int, spans: dict, size: int, max_seqlen: int,
-                     images: list[np.ndarray] | None) -> PackedBatch:
-    pool = _POOLS[key]
-    memory = pool.slot(worker, slot)[:size].numpy()  # a view object of its own, alive as long as the batch
-    weakref.finalize(memory, pool.release, worker, slot)
-    return _batch_views(torch.frombuffer(memory, dtype=torch.uint8), spans, max_seqlen, images)
-
-
-class _InBuffer:
-    """A batch in its own shared buffer: pickled as that one buffer, unpickled as a PackedBatch."""
-
-    def __init__(self, storage: torch.UntypedStorage, spans: dict, max_seqlen: int,
-                 images: list[np.ndarray] | None) -> None:
-        self.args = (torch.empty(0, dtype=torch.uint8).set_(storage), spans, max_seqlen, images)
-
-    def __reduce__(self):
-        return _batch_views, self.args
-
-
 def _worker_message(exc: Exception) -> str:
     """The message an exception was raised with in a DataLoader worker: the DataLoader re-raises it
     here with the worker's whole traceback as its text; the user needs the last line."""
@@ -612,11 +578,12 @@ class PackedLoader:
     def __init__(self, packs: str | Path, *, catalogs: list[str | Path] | None = None, patch_size: int | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  steps: int | None = None, num_workers: int = 2, pin_memory: bool = False,
-                 prefetch_factor: int = 2, repa_images: bool = False, image_root: str | Path | None = None,
-                 verify: bool = True) -> None:
+                 prefetch_factor: int = 2, repa_images: str | None = None, image_root: str | Path | None = None,
+                 repa_patch_size: int | None = None, verify: bool = True) -> None:
         self.dataset = PackedDataset(packs, catalogs=catalogs, patch_size=patch_size, rank=rank,
                                      world_size=world_size, seed=seed, epochs=epochs, steps=steps,
-                                     repa_images=repa_images, image_root=image_root, verify=verify)
+                                     repa_images=repa_images, image_root=image_root,
+                                     repa_patch_size=repa_patch_size, verify=verify)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)
@@ -642,7 +609,7 @@ class PackedLoader:
         dataset, workers = self.dataset, self.num_workers
         key = uuid.uuid4().hex
         if workers:
-            _POOLS[key] = _SlotPool(workers, self.prefetch_factor * workers + 2, dataset.batch_capacity)
+            POOLS[key] = SlotPool(workers, self.prefetch_factor * workers + 2, dataset.batch_capacity)
         # the workers take the start position and the pool key with them when they start, in iter()
         dataset.start, dataset.pool_key = self.position, key
         try:
@@ -658,7 +625,7 @@ class PackedLoader:
             except CatalogIntegrityError as exc:
                 raise type(exc)(_worker_message(exc)) from None
         finally:
-            _POOLS.pop(key, None)
+            POOLS.pop(key, None)
 
     def state_dict(self) -> dict:
         epoch, step = self.dataset.cursor(self.position)

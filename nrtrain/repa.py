@@ -41,11 +41,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from nrdata.catalog import Catalog
+from nrdata.catalog import Catalog, CatalogIntegrityError, layout
+from nrdata.catalog.reader import ShardView
 from nrdata.images import ImageDecodeError, decode_image
-from nrdata.policies import ResolutionPolicy
+from nrdata.policies import NATIVE_MAX_AREA, ResolutionPolicy
+from nrdata.repa_images import resize_pixels
 
 # Per-channel (mean, std) of [0, 1] RGB the encoder's network expects. DINOv2 and most ViTs use
 # ImageNet's; RADIO's and CLIP's hub models use CLIP's, and RADIO normalises inside its own forward
@@ -209,7 +210,7 @@ def repa_targets(encoder: VisionEncoder, images: Sequence[np.ndarray | torch.Ten
     sizes_list = [(int(h), int(w)) for h, w in sizes.tolist()]
     if len(images) != len(sizes_list):
         raise ValueError(f"a pack of {len(sizes_list)} images came with {len(images)} REPA images; build the "
-                         "loader with repa_images=True")
+                         "loader with repa_images ('stored' or 'source')")
     lengths = [h * w for h, w in sizes_list]
     starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     ps = encoder.patch_size
@@ -241,11 +242,7 @@ def _resized(images: Sequence[np.ndarray | torch.Tensor], members: list[int], si
     stacked = torch.stack([torch.as_tensor(np.ascontiguousarray(images[i])) for i in members]).to(device)
     if stacked.dtype != torch.uint8 or stacked.dim() != 4 or stacked.shape[-1] != 3:
         raise ValueError(f"REPA images must be uint8 [H, W, 3], got {stacked.dtype} {tuple(stacked.shape[1:])}")
-    pixels = stacked.permute(0, 3, 1, 2).float() / 255
-    if tuple(pixels.shape[2:]) == size_hw:
-        return pixels
-    # bicubic overshoots near edges; the encoder was trained on images inside [0, 1]
-    return F.interpolate(pixels, size=size_hw, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    return resize_pixels(stacked.permute(0, 3, 1, 2).float() / 255, size_hw)
 
 
 class SourcePixels:
@@ -312,3 +309,96 @@ class SourcePixels:
                              f"but catalog row {row} (key {key!r}) holds a latent of {expected[0]}x{expected[1]} "
                              "pixels; the image changed since it was encoded, or the image root points elsewhere")
         return np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels
+
+
+class MissingRepaImages(ValueError):
+    """A catalog does not store the REPA images a run needs; the message holds the `nr encode` command."""
+
+
+def encode_command(catalog: Catalog, repa_pixels: int | str) -> str:
+    """The `nr encode` command that makes a copy of `catalog` storing REPA images at `repa_pixels` per
+    latent cell: same source, encoder, variants, dtype and flip mode, into a new folder."""
+    m = catalog.manifest
+    out = f"{catalog.root.name}-repa{repa_pixels}"
+    definition = m.notes.get("definition")
+    if definition:
+        settings = [f"--definition {definition}"]
+    else:
+        settings = [f"--encoder {m.encoder.name}"]
+        if m.encoder.source:
+            settings.append(f"--encoder-source {m.encoder.source}")
+        if m.encoder.name == "pixel":
+            settings.append(f"--factor {m.encoder.factor}")
+        settings += [f"--variant {_variant_spec(p)}" for p in m.policies]
+        patch = m.policies[0]["unit"] // m.encoder.factor if m.policies else 1
+        if patch != 1:
+            settings.append(f"--patch-size {patch}")
+        settings += [f"--dtype {m.dtype}", "--flip" if m.flip == "store" else "--no-flip"]
+    return (f"nr encode {m.source_root or '<the source images>'} {catalog.root.parent / out} "
+            f"{' '.join(settings)} --repa-pixels {repa_pixels}")
+
+
+def _variant_spec(policy: dict) -> str:
+    """The --variant spec (`nrdata.policies.parse_policy`) of a manifest's policy."""
+    kind = policy.get("kind")
+    if kind == "native":
+        return "native" if policy.get("max_area") == NATIVE_MAX_AREA else f"native:max_area={policy['max_area']}"
+    return f"fit:{policy['target']}" if kind == "fit" else str(policy["target"])
+
+
+def stored_repa_rows(catalogs: list[Catalog], patch_size: int, repa_patch_size: int | None) -> dict[str, np.ndarray]:
+    """Where each merged row's stored REPA image is: byte `offset` in the REPA column of its shard,
+    its height `h` and width `w` in pixels, and `nbytes`.
+
+    Every catalog must store them, at repa_patch_size / patch_size pixels per latent cell when
+    `repa_patch_size` (the REPA encoder's patch size) is given, so that the encoder yields one feature
+    per token; MissingRepaImages otherwise, with the `nr encode` command that stores them."""
+    wanted: int | str = "<REPA encoder patch size / model patch size>"
+    if repa_patch_size is not None:
+        if repa_patch_size % patch_size:
+            raise ValueError(f"the REPA encoder's patch size {repa_patch_size} is not a multiple of the model's "
+                             f"patch size {patch_size}: stored REPA images hold a whole number of pixels per "
+                             "latent cell; pick an encoder and patch size that divide")
+        wanted = repa_patch_size // patch_size
+    parts = {name: [] for name in ("offset", "h", "w")}
+    for cat in catalogs:
+        k = cat.manifest.repa_pixels
+        if not k or (isinstance(wanted, int) and k != wanted):
+            have = "stores no REPA images" if not k else f"stores REPA images at {k} px per latent cell"
+            need = f"{wanted} px per latent cell" if isinstance(wanted, int) else "REPA images"
+            raise MissingRepaImages(
+                f"catalog {cat.root} {have}; REPA training reads them from the catalog (no image is decoded per "
+                f"step) and needs {need}. Store them with `{encode_command(cat, wanted)}` and pack the new "
+                f"catalog, or decode the source images at every step (slow) with --set repa_image_root=<source "
+                "folder>")
+        index = cat.index
+        h = index["latent_h"].to_numpy().astype(np.int64) * k
+        w = index["latent_w"].to_numpy().astype(np.int64) * k
+        offset = np.empty(len(index), np.int64)
+        shard_rows = index["shard_row"].to_numpy()
+        names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
+        by_shard = np.argsort(shard_of, kind="stable")
+        bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
+        for s, name in enumerate(names.tolist()):
+            path = cat.root / layout.SHARD_DIR / name
+            view = ShardView(path)
+            rows = by_shard[bounds[s]: bounds[s + 1]]
+            if view.repa is None:
+                raise CatalogIntegrityError(f"shard {path} holds no REPA images though {cat.root}'s manifest says "
+                                            f"they are stored; run `nr catalog validate {cat.root}`, then re-encode")
+            starts, data = view.repa
+            begin, end = starts[shard_rows[rows]], starts[shard_rows[rows] + 1]
+            wrong = np.flatnonzero((end - begin != h[rows] * w[rows] * 3) | (end > data.size))
+            if wrong.size:
+                row = int(rows[wrong[0]])
+                raise CatalogIntegrityError(f"shard {path}: the REPA image of catalog row {row} (key "
+                                            f"{cat.index['key'][row].as_py()}) holds {int(end[wrong[0]] - begin[wrong[0]])} "
+                                            f"bytes, not {int(h[row] * w[row] * 3)}; run `nr catalog validate "
+                                            f"{cat.root}`, then re-encode")
+            offset[rows] = begin
+        parts["offset"].append(offset)
+        parts["h"].append(h)
+        parts["w"].append(w)
+    table = {name: np.concatenate(values) for name, values in parts.items()}
+    table["nbytes"] = table["h"] * table["w"] * 3
+    return table

@@ -173,6 +173,14 @@ def train_step(net: torch.nn.Module, micro_batches: Sequence[PackedBatch], loss_
                       images=images, tokens=tokens, flops=flops)
 
 
+def _repa_images(encoder, config: TrainConfig) -> str | None:
+    """Where REPA images come from: the catalogs' stored ones (`nr encode --repa-pixels`), or, when
+    repa_image_root is set, the source images decoded at every step (slow: catalogs without them)."""
+    if encoder is None:
+        return None
+    return "source" if config.repa_image_root else "stored"
+
+
 def read_step(losses: StepLosses, ddp: Distributed) -> tuple[bool, float, float | None]:
     """(every rank's step was finite, this rank's loss, its REPA term) in one host sync per step.
 
@@ -228,8 +236,9 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     # data: one pack per micro-step, this rank's share, in a resumable order
     loader = PackedLoader(config.packs, catalogs=config.catalogs, rank=ddp.rank, world_size=ddp.world_size,
                           seed=config.seed, steps=config.steps * config.grad_accum, num_workers=config.workers,
-                          pin_memory=device.type == "cuda", repa_images=encoder is not None,
-                          image_root=config.repa_image_root)
+                          pin_memory=device.type == "cuda", repa_images=_repa_images(encoder, config),
+                          image_root=config.repa_image_root,
+                          repa_patch_size=encoder.patch_size if encoder else None)
     dataset = loader.dataset
     catalogs = dataset.catalogs
     identity = data_identity(catalogs, loader.normalization, dataset.patch_size)

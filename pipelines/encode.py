@@ -63,6 +63,7 @@ class EncodeConfig:
     policies: tuple[str, ...] = ("native",)  # specs for nrdata.policies.parse_policy
     patch_size: int = 1  # native sizes are multiples of factor × patch
     flip: bool = True
+    repa_pixels: int = 0  # > 0: store each latent's REPA view at this many pixels per latent cell
     batch_pixels: int = DEFAULT_BATCH_PIXELS
     images_per_call: int = 64  # prepared images handed to an encoder actor at once
     limit: int | None = None
@@ -181,7 +182,7 @@ ENCODED_SCHEMA = pa.schema([
     ("key", pa.string()), ("variant", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
     ("orig_w", pa.int64()), ("orig_h", pa.int64()), ("image_h", pa.int64()), ("image_w", pa.int64()),
     ("latent", pa.large_binary()), ("latent_flip", pa.large_binary()), ("shape", pa.list_(pa.int64())),
-    ("units", pa.int64()), ("stage", pa.string()), ("message", pa.string()),
+    ("repa_image", pa.large_binary()), ("units", pa.int64()), ("stage", pa.string()), ("message", pa.string()),
     ("decode_seconds", pa.float64()), ("encode_seconds", pa.float64()),
 ])
 
@@ -192,7 +193,7 @@ CPU_BATCH_PIXELS = 2 * 384 * 512  # an ImageNet photo and its mirror
 class EncodeActor:
     """Holds one encoder on its device for the life of the actor (model load and warm-up happen once)."""
 
-    def __init__(self, spec: EncoderSpec, *, flip: bool, batch_pixels: int) -> None:
+    def __init__(self, spec: EncoderSpec, *, flip: bool, batch_pixels: int, repa_pixels: int = 0) -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,6 +203,7 @@ class EncodeActor:
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.encoder = load_encoder(spec, device)
         self.flip = flip
+        self.repa_pixels = repa_pixels
         # on a CPU a big batch is slower per image than a small one (it no longer fits the caches)
         self.batch_pixels = batch_pixels if device == "cuda" else min(batch_pixels, CPU_BATCH_PIXELS)
 
@@ -219,7 +221,8 @@ class EncodeActor:
                                         row["key"], row["orig_w"], row["orig_h"]))
             decode_seconds[(row["key"], row["variant"])] = row["seconds"]
         start = time.perf_counter()
-        rows, errors = encode_prepared(self.encoder, images, flip=self.flip, batch_pixels=self.batch_pixels)
+        rows, errors = encode_prepared(self.encoder, images, flip=self.flip, batch_pixels=self.batch_pixels,
+                                       repa_pixels=self.repa_pixels)
         per_image = (time.perf_counter() - start) / max(1, len(images))
         dtype = self.encoder.dtype
         for r in rows:
@@ -228,6 +231,7 @@ class EncodeActor:
                         "orig_w": r.orig_w, "orig_h": r.orig_h, "image_h": r.image_h, "image_w": r.image_w,
                         "latent": latent.tobytes(), "shape": list(latent.shape), "units": 1,
                         "latent_flip": None if r.latent_flip is None else stored_array(r.latent_flip, dtype).tobytes(),
+                        "repa_image": None if r.repa_image is None else r.repa_image.tobytes(),
                         "decode_seconds": decode_seconds[(r.key, r.variant)], "encode_seconds": per_image})
         for key, variant, stage, message in errors:
             out.append({"key": key, "variant": variant, "units": 1, "stage": stage, "message": message,
@@ -311,14 +315,17 @@ def _actor_resources(config: EncodeConfig) -> tuple[int, float, float]:
     return actors, per, cpus
 
 
-def _rebuild_row(record: dict[str, Any], dtype: np.dtype) -> LatentRow:
+def _rebuild_row(record: dict[str, Any], dtype: np.dtype, repa_pixels: int) -> LatentRow:
     shape = tuple(record["shape"])
     latent = np.frombuffer(record["latent"], dtype).reshape(shape)
     twin = None if record["latent_flip"] is None else np.frombuffer(record["latent_flip"], dtype).reshape(shape)
+    repa = None
+    if record["repa_image"] is not None:
+        repa = np.frombuffer(record["repa_image"], np.uint8).reshape(shape[-2] * repa_pixels, shape[-1] * repa_pixels, 3)
     return LatentRow(key=record["key"], variant=record["variant"], latent=latent, latent_flip=twin,
                      label=record["label"], class_name=record["class_name"], source=record["key"],
                      orig_w=record["orig_w"], orig_h=record["orig_h"], image_w=record["image_w"],
-                     image_h=record["image_h"])
+                     image_h=record["image_h"], repa_image=repa)
 
 
 def run_manifest(config: EncodeConfig, encoder) -> tuple[list[ResolutionPolicy], Manifest]:
@@ -326,7 +333,10 @@ def run_manifest(config: EncodeConfig, encoder) -> tuple[list[ResolutionPolicy],
     by it, or refuses it)."""
     unit = encoder.info.factor * config.patch_size
     policies = [parse_policy(spec, unit=unit) for spec in config.policies]
+    if config.repa_pixels < 0:
+        raise ValueError(f"--repa-pixels must be >= 0 (0: store no REPA images), got {config.repa_pixels}")
     manifest = catalog_manifest(encoder, policies, flip=config.flip, source_root=str(Path(config.source).resolve()),
+                                repa_pixels=config.repa_pixels,
                                 notes={**config.notes, "made_by": "nr encode", "code_version": code_version()})
     return policies, manifest
 
@@ -375,7 +385,8 @@ def _stream(config: EncodeConfig, manifest, work: list[dict], policies: list[Res
                                                "max_pixels": config.max_pixels},
                      batch_format="pyarrow", batch_size=8, num_cpus=1)
         .map_batches(EncodeActor, fn_constructor_kwargs={"spec": config.encoder, "flip": config.flip,
-                                                         "batch_pixels": config.batch_pixels},
+                                                         "batch_pixels": config.batch_pixels,
+                                                         "repa_pixels": config.repa_pixels},
                      batch_format="pyarrow", batch_size=config.images_per_call,
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                      num_gpus=gpus or None, num_cpus=cpus)
@@ -395,7 +406,7 @@ def _stream(config: EncodeConfig, manifest, work: list[dict], policies: list[Res
                 failures[f"{record['stage']}: {message[:80]}"] += 1
                 writer.add_error(record["key"], record["stage"], record["message"],
                                  variant=record["variant"], source=record["key"])
-            elif writer.add(_rebuild_row(record, dtype)):
+            elif writer.add(_rebuild_row(record, dtype, manifest.repa_pixels)):
                 progress.encoded += 1
             else:
                 progress.failed += 1  # refused by the writer: non-finite values

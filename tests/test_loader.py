@@ -267,14 +267,14 @@ def test_a_catalog_without_normalisation_or_another_patch_size_is_refused(tmp_pa
 def test_a_plain_dataloader_over_the_dataset_and_a_busy_slot_fall_back_to_one_buffer_per_batch(folder):
     from torch.utils.data import DataLoader
 
-    from nrtrain.loader import _SlotPool
+    from nrtrain.batch_transfer import SlotPool
 
     packs = packs_of(folder, ["flip_bf16"], name="flip_bf16-p1", patch_size=1)
     dataset = PackedDataset(packs, seed=SEED)
     serial = [dataset.batch(i) for i in range(dataset.num_steps)]
     for a, b in zip(DataLoader(dataset, batch_size=None, num_workers=2), serial, strict=True):
         assert_same_batch(a, b)
-    pool = _SlotPool(workers=1, slots=2, capacity=64)
+    pool = SlotPool(workers=1, slots=2, capacity=64)
     assert [pool.claim(0, n) for n in range(3)] == [0, 1, None]  # slot 0 is still held for batch 2
     pool.release(0, 0)
     assert pool.claim(0, 2) == 0

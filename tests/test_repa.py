@@ -149,7 +149,7 @@ def test_targets_are_in_pack_order_with_one_encoder_call_per_size(vit_file):
                                 align_corners=False).clamp(0, 1)
         start, end = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
         torch.testing.assert_close(targets[start:end], features(one)[0], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="repa_images=True"):
+    with pytest.raises(ValueError, match="build the loader with repa_images"):
         repa_targets(encoder, images[:2], batch.sizes, "cpu")
 
 
@@ -238,7 +238,7 @@ def decoded_images(batch, dataset: PackedDataset) -> list[np.ndarray]:
 
 
 def test_loader_images_are_the_pixels_of_its_latents(pixel_data):
-    dataset = PackedDataset(pixel_data / "packs.parquet", repa_images=True, seed=5)
+    dataset = PackedDataset(pixel_data / "packs.parquet", repa_images="source", seed=5)
     plain = PackedDataset(pixel_data / "packs.parquet", seed=5)
     cat = Catalog(pixel_data / "cat")
     flipped = unflipped = 0
@@ -262,8 +262,8 @@ def test_loader_images_are_the_pixels_of_its_latents(pixel_data):
 def test_workers_and_a_moved_image_folder_give_the_same_images(pixel_data, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(pixel_data / "images", moved)
-    direct = PackedDataset(pixel_data / "packs.parquet", repa_images=True, seed=2)
-    loader = PackedLoader(pixel_data / "packs.parquet", repa_images=True, image_root=moved, seed=2, num_workers=2,
+    direct = PackedDataset(pixel_data / "packs.parquet", repa_images="source", seed=2)
+    loader = PackedLoader(pixel_data / "packs.parquet", repa_images="source", image_root=moved, seed=2, num_workers=2,
                           steps=6)
     for position, batch in enumerate(loader):
         expected = direct.batch(position)
@@ -274,20 +274,20 @@ def test_workers_and_a_moved_image_folder_give_the_same_images(pixel_data, tmp_p
     assert loader.position == 6
 
     with pytest.raises(FileNotFoundError, match="repa_image_root"):
-        PackedDataset(pixel_data / "packs.parquet", repa_images=True, image_root=tmp_path / "nowhere")
+        PackedDataset(pixel_data / "packs.parquet", repa_images="source", image_root=tmp_path / "nowhere")
     emptied = tmp_path / "emptied"
     shutil.copytree(pixel_data / "images", emptied)
     for path in emptied.rglob("*.png"):
         path.unlink()
     with pytest.raises(ImageDecodeError, match="REPA image of catalog row"):
-        PackedDataset(pixel_data / "packs.parquet", repa_images=True, image_root=emptied)
+        PackedDataset(pixel_data / "packs.parquet", repa_images="source", image_root=emptied)
 
 
 # -- the objective and the loop -------------------------------------------------------------------
 
 def test_the_repa_term_reaches_the_projector_and_only_up_to_its_block(pixel_data, vit_file):
     encoder = load_vision_encoder(vit_file)
-    dataset = PackedDataset(pixel_data / "packs.parquet", repa_images=True)
+    dataset = PackedDataset(pixel_data / "packs.parquet", repa_images="source")
     batch = dataset.batch(0)
     targets = repa_targets(encoder, batch.images, batch.sizes, "cpu")
     torch.manual_seed(0)
@@ -321,7 +321,8 @@ def test_training_with_repa(pixel_data, vit_file, tmp_path):
     seen = []
     config = TrainConfig(packs=str(pixel_data / "packs.parquet"), out=str(tmp_path / "run"), model="tiny", steps=3,
                          lr=1e-3, workers=0, log_every=1, ckpt_every=1, keep_checkpoints=None, tensorboard=False,
-                         weight_decay=0.0, repa_encoder=vit_file, repa_depth=1, repa_weight=0.5, repa_hidden=32)
+                         weight_decay=0.0, repa_encoder=vit_file, repa_depth=1, repa_weight=0.5, repa_hidden=32,
+                         repa_image_root=str(pixel_data / "images"))  # this catalog stores no REPA images
     summary = train(config, on_step=lambda step, batch, terms: seen.append(terms))
     assert summary.final_step == 3 and all(np.isfinite(summary.losses))
     assert all(t.repa is not None and torch.isfinite(t.repa) for t in seen)

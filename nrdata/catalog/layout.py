@@ -3,7 +3,8 @@
     CATALOG/
       manifest.json            what the latents are (encoder, dtype, policies, flip, statistics)
       index/<seq>-<id>.parquet one row per latent; `polars.scan_parquet("CATALOG/index/*.parquet")`
-      shards/<seq>-<id>.arrow  latent bytes: Arrow IPC files, one record batch each, memory-mapped
+      shards/<seq>-<id>.arrow  latent bytes (and REPA images when stored): Arrow IPC files, one record
+                               batch each, memory-mapped
       errors/<seq>-<id>.parquet rows that failed: key, variant, stage, message
       .lock                    held by the one writer at a time
 
@@ -60,6 +61,11 @@ SHARD_SCHEMA = pa.schema([
     # it reads without touching the other. Shards written before these columns existed lack them.
     pa.field("latent_crc32", pa.uint32(), nullable=False),
     pa.field("latent_flip_crc32", pa.uint32(), nullable=True),
+    # the REPA encoder's input view of the image the latent was encoded from: uint8 [h*k, w*k, 3]
+    # for a latent of h x w and the manifest's repa_pixels k (the twin's is its mirror, made on the
+    # fly), so training never decodes a source image; null when the manifest stores none
+    pa.field("repa_image", pa.large_binary(), nullable=True),
+    pa.field("repa_image_crc32", pa.uint32(), nullable=True),
 ])
 
 ERROR_SCHEMA = pa.schema([

@@ -105,6 +105,9 @@ class Manifest:
     # from does not matter; "" for weight-free encoders and for schema 1, which did not record it
     encoder_weights: str = ""
     schema_version: int = SCHEMA_VERSION
+    # pixels per latent cell of the REPA encoder's input view stored beside each latent (uint8, see
+    # nrdata.catalog.layout); 0: none stored, training with REPA needs them
+    repa_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in LATENT_DTYPES:
@@ -114,6 +117,8 @@ class Manifest:
         variants = [p.get("variant") for p in self.policies]
         if len(set(variants)) != len(variants):
             raise ManifestError(f"two policies share a variant name: {variants}")
+        if isinstance(self.repa_pixels, bool) or not isinstance(self.repa_pixels, int) or self.repa_pixels < 0:
+            raise ManifestError(f"repa_pixels must be an int >= 0, got {self.repa_pixels!r}")
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -136,7 +141,7 @@ class Manifest:
             }
         encoder = dataclasses.asdict(self.encoder)
         del encoder["source"], encoder["revision"]  # where the weights were read from is not what they are
-        return {
+        identity = {
             "schema_version": self.schema_version,
             "encoder": encoder,
             "encoder_weights": self.encoder_weights,
@@ -145,6 +150,9 @@ class Manifest:
             "flip": self.flip,
             "normalization_convention": self.normalization.convention,
         }
+        if self.repa_pixels:  # only when stored, so that catalogs without them keep their fingerprint
+            identity["repa_pixels"] = self.repa_pixels
+        return identity
 
     @property
     def fingerprint(self) -> str:
@@ -158,6 +166,8 @@ class Manifest:
         out["normalization"]["std"] = list(self.normalization.std)
         if self.schema_version == 1:  # written back as it was read
             del out["encoder_weights"]
+        if not self.repa_pixels:
+            del out["repa_pixels"]
         out["fingerprint"] = self.fingerprint
         return out
 
@@ -217,6 +227,9 @@ class Manifest:
         for label, old, new, fix in (("latent dtype", self.dtype, run.dtype, f"pass --dtype {self.dtype}"),
                                      ("flip mode", self.flip, run.flip,
                                       "pass --flip" if self.flip == "store" else "pass --no-flip"),
+                                     ("REPA pixels per latent cell", self.repa_pixels, run.repa_pixels,
+                                      f"pass --repa-pixels {self.repa_pixels}" if self.repa_pixels
+                                      else "leave out --repa-pixels"),
                                      ("normalisation convention", self.normalization.convention,
                                       run.normalization.convention, "use the nr that made the catalog")):
             if old != new:

@@ -258,6 +258,12 @@ class ShardView:
             twin = batch.column("latent_flip_crc32")
             self.half_crcs = (batch.column("latent_crc32").to_numpy(),
                               twin.to_numpy() if self.flip is not None and twin.null_count == 0 else None)
+        # (offsets, data) and CRC-32 per shard row of the stored REPA images; None when there are none
+        self.repa: tuple[np.ndarray, np.ndarray] | None = None
+        self.repa_crcs: np.ndarray | None = None
+        if "repa_image" in batch.schema.names and batch.column("repa_image").null_count == 0 and batch.num_rows:
+            self.repa = _binary_view(batch.column("repa_image"))
+            self.repa_crcs = batch.column("repa_image_crc32").to_numpy()
 
     def row_bytes(self, row: int, flip: bool = False) -> np.ndarray:
         view = self.flip if flip else self.latent
@@ -405,6 +411,25 @@ class Catalog:
                 f"key {row['key']}, variant {row['variant']}): the latent bytes do not match the checksum recorded when they "
                 f"were written; run `nr catalog validate {self.root}` to list every damaged row, then restore the "
                 "shard from a backup or re-encode the catalog")
+
+    def repa_image(self, row_id: int, *, flip: bool = False) -> np.ndarray:
+        """The stored REPA image of one row, uint8 [h*k, w*k, 3] (a read-only view of the shard file;
+        mirrored left-right with `flip`, the view of its flipped twin). KeyError when none is stored."""
+        k = self.manifest.repa_pixels
+        if not k:
+            raise KeyError(f"catalog {self.root} stores no REPA images (its manifest's repa_pixels is 0)")
+        loc = self._locator
+        if not 0 <= row_id < len(loc["shard"]):
+            raise IndexError(f"row id {row_id} is outside the catalog's {len(loc['shard'])} rows")
+        shard = self._shard(int(loc["shard"][row_id]))
+        if shard.repa is None:
+            raise CatalogIntegrityError(f"shard {shard.path} holds no REPA images though the manifest says they "
+                                        f"are stored; {_validate_hint(self.root)}")
+        offsets, data = shard.repa
+        row = int(loc["shard_row"][row_id])
+        image = data[offsets[row]: offsets[row + 1]].reshape(int(loc["latent_h"][row_id]) * k,
+                                                             int(loc["latent_w"][row_id]) * k, 3)
+        return image[:, ::-1] if flip else image
 
     def latent_torch(self, row_id: int, *, flip: bool = False, verify: bool = False):
         """The latent as a torch tensor sharing memory with the shard file (read-only)."""

@@ -52,7 +52,8 @@ class LatentRow:
     """One latent to store, with what the index says about it.
 
     `latent` is [C, h, w] in the manifest's dtype (bfloat16 as a torch tensor or a uint16 view);
-    `latent_flip`, when the manifest stores flips, is the latent of the mirrored image.
+    `latent_flip`, when the manifest stores flips, is the latent of the mirrored image; `repa_image`,
+    when the manifest's repa_pixels k > 0, is uint8 [h*k, w*k, 3] (see `repa_view`).
     """
 
     key: str
@@ -66,6 +67,7 @@ class LatentRow:
     orig_h: int | None = None
     image_w: int | None = None
     image_h: int | None = None
+    repa_image: Any = None
 
 
 @dataclass
@@ -307,6 +309,16 @@ class CatalogWriter:
             raise ValueError(f"{row.key}: a flipped latent was given but the manifest's flip mode is 'none'")
         if flip is not None and flip.shape != latent.shape:
             raise ValueError(f"{row.key}: flipped latent shape {flip.shape} differs from {latent.shape}")
+        k = self.manifest.repa_pixels
+        if not k and row.repa_image is not None:
+            raise ValueError(f"{row.key}: a REPA image was given but the manifest stores none (repa_pixels 0)")
+        if k:
+            expected = (latent.shape[1] * k, latent.shape[2] * k, 3)
+            image = row.repa_image
+            if image is None or image.dtype != np.uint8 or image.shape != expected:
+                got = "none" if image is None else f"{image.dtype} {tuple(image.shape)}"
+                raise ValueError(f"{row.key}: the manifest stores REPA images of {k} px per latent cell, uint8 "
+                                 f"{expected}; got {got}")
 
     def add_error(self, key: str, stage: str, message: str, *, variant: str | None = None,
                   source: str | None = None) -> bool:
@@ -346,10 +358,13 @@ class CatalogWriter:
         flips = [None if f is None else f.tobytes() for _, f in arrays]
         latent_crcs = [zlib.crc32(l) for l in latents]
         flip_crcs = [None if f is None else zlib.crc32(f) for f in flips]
+        repa = [None if r.repa_image is None else np.ascontiguousarray(r.repa_image).tobytes() for r in rows]
         batch = pa.record_batch(
             [pa.array([r.key for r in rows], pa.string()), pa.array([r.variant for r in rows], pa.string()),
              pa.array(latents, pa.large_binary()), pa.array(flips, pa.large_binary()),
-             pa.array(latent_crcs, pa.uint32()), pa.array(flip_crcs, pa.uint32())],
+             pa.array(latent_crcs, pa.uint32()), pa.array(flip_crcs, pa.uint32()),
+             pa.array(repa, pa.large_binary()), pa.array([None if b is None else zlib.crc32(b) for b in repa],
+                                                         pa.uint32())],
             schema=layout.SHARD_SCHEMA,
         )
         sink = pa.BufferOutputStream()
