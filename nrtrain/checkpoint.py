@@ -22,8 +22,8 @@ instead of training or sampling from garbage. Checkpoints written before checksu
 without the check; a file of theirs that cannot be parsed is still named.
 
 The data identity is what `nr train --resume` and `nr sample` check a catalog against: encoder,
-factor, channels, stored quantity, normalisation statistics, and the largest training size (the
-sampler's RoPE extrapolation starts there).
+factor, channels, stored quantity, the normalisation (its mode, and the statistics or the scaling
+factor), and the largest training size (the sampler's RoPE extrapolation starts there).
 """
 
 from __future__ import annotations
@@ -73,19 +73,26 @@ def checkpoint_name(step: int) -> str:
 
 def data_identity(catalogs, normalization, patch_size: int) -> dict[str, Any]:
     """What a model trained on these catalogs depends on (the first catalog's encoder; the pack
-    merge already refused catalogs of different encoders)."""
+    merge already refused catalogs of different encoders). `normalization`: the run's
+    `LatentScaling`, or a manifest's statistics (per-channel)."""
     manifest = catalogs[0].manifest
     sizes = [c.scan().select("latent_h", "latent_w").max().collect().row(0) for c in catalogs]
     return {
         "encoder": asdict(manifest.encoder),
         "encoder_weights": manifest.encoder_weights,  # content hash; "" for catalogs of manifest schema 1
         "dtype": manifest.dtype,
-        "normalization": {"mean": list(normalization.mean), "std": list(normalization.std),
-                          "count": normalization.count},
+        "normalization": normalization_record(normalization),
         "patch_size": patch_size,
         "max_latent_hw": [max(int(h) for h, _ in sizes), max(int(w) for _, w in sizes)],
         "catalogs": [{"path": str(c.root), "fingerprint": c.manifest.fingerprint} for c in catalogs],
     }
+
+
+def normalization_record(normalization) -> dict[str, Any]:
+    if hasattr(normalization, "record"):
+        return normalization.record()
+    return {"mode": "per-channel", "scaling_factor": None, "mean": list(normalization.mean),
+            "std": list(normalization.std), "count": normalization.count}
 
 
 def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
@@ -95,11 +102,10 @@ def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where
             raise CheckpointMismatchError(
                 f"{where}: trained on {label} {saved.get(key)} but the data now has {current.get(key)}; "
                 "use catalogs encoded the same way, or start a new run")
-    weights_a, weights_b = saved.get("encoder_weights"), current.get("encoder_weights")
-    if weights_a and weights_b and weights_a != weights_b:
-        raise CheckpointMismatchError(
-            f"{where}: trained on latents of encoder weights {weights_a} but the catalogs were encoded with "
-            f"{weights_b}; use catalogs encoded with the same weights, or start a new run")
+    check_encoder_weights(saved, current, where=where)
+    check_normalization_mode(saved["normalization"], current["normalization"], where=where)
+    if saved["normalization"].get("mode", "per-channel") == "scalar":
+        return  # the factor decides; the catalogs' statistics play no part
     mean_a, mean_b = saved["normalization"]["mean"], current["normalization"]["mean"]
     std_a, std_b = saved["normalization"]["std"], current["normalization"]["std"]
     if len(mean_a) != len(mean_b) or any(abs(a - b) > 1e-4 * (1 + abs(a)) for a, b in zip(mean_a + std_a,
@@ -108,6 +114,32 @@ def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where
             f"{where}: the catalogs' normalisation (mean/std per channel) differs from the one the model was "
             "trained with; the model would see latents on another scale. Use the same catalogs (or re-pack "
             "them as they were), or start a new run")
+
+
+def check_encoder_weights(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
+    weights_a, weights_b = saved.get("encoder_weights"), current.get("encoder_weights")
+    if weights_a and weights_b and weights_a != weights_b:
+        raise CheckpointMismatchError(
+            f"{where}: trained on latents of encoder weights {weights_a} but the catalogs were encoded with "
+            f"{weights_b}; use catalogs encoded with the same weights, or start a new run")
+
+
+def check_normalization_mode(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
+    """The same rule (per-channel or scalar) and, in scalar mode, the same factor."""
+    mode_a, mode_b = saved.get("mode", "per-channel"), current.get("mode", "per-channel")
+    factor_a, factor_b = saved.get("scaling_factor"), current.get("scaling_factor")
+    if mode_a != mode_b:
+        def shown(mode, factor):
+            return f"scalar normalisation (z x {factor})" if mode == "scalar" else "per-channel normalisation"
+        raise CheckpointMismatchError(
+            f"{where}: the weights were trained with {shown(mode_a, factor_a)} but this run uses "
+            f"{shown(mode_b, factor_b)}; the model would see latents on another scale. Set "
+            f"normalization = \"{mode_a}\"{f' (scaling_factor = {factor_a})' if mode_a == 'scalar' else ''} "
+            "in the training config")
+    if mode_a == "scalar" and abs(float(factor_a) - float(factor_b)) > 1e-6 * abs(float(factor_a)):
+        raise CheckpointMismatchError(
+            f"{where}: the weights were trained with latents scaled by {factor_a} but this run scales by "
+            f"{factor_b}; set scaling_factor = {factor_a} in the training config")
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,

@@ -1,12 +1,13 @@
 """`nr sample`: class-conditional images at any size from a checkpoint, ready for an evaluator.
 
-    summary = generate("runs/xl", SampleRequest(per_class=50, seed=0), "samples/xl-256", preset="nit-256",
-                       device="cuda")
+    summary = generate("runs/xl", SampleRequest(per_class=50, seed=0), "samples/xl-256",
+                       SampleSettings(preset="nit-256", device="cuda"))
 
 The journey of one batch (all of one size): per-image noise from each sample's seed → `transport.sample`
 (ODE/SDE, CFG with an interval, RoPE extrapolation when the size is beyond training) → tokens
-unpatchified → z = z_norm * std + mean with the statistics the model was trained on (the checkpoint's
-data identity, i.e. the catalogs' manifests) → the catalog's encoder decodes → PNGs. When every rank
+unpatchified → un-normalised as the model was trained (the checkpoint's data identity: per-channel
+z = z_norm * std + mean with the catalogs' statistics, or scalar z = z_norm / scaling_factor, NiT's)
+→ the catalog's encoder decodes → PNGs. When every rank
 is done, rank 0 writes the npz, the grid and the provenance (see `sample_outputs` for the folder).
 
 What decides a sample is `sample_plan`: sample j of a size has seed base + j and a label fixed by
@@ -37,6 +38,7 @@ import torch
 from nrdata.version import code_version
 from nrtrain.checkpoint import (CheckpointMismatchError, check_data_identity, checkpoint_files, data_identity,
                                 file_sha256, load_model, resolve_checkpoint, verify_checkpoint)
+from nrtrain.normalization import LatentScaling, run_normalization
 from nrtrain.packed import unpatchify
 from nrtrain.rope import RopeExtrapolation
 from nrtrain.sample_outputs import (read_provenance, remove_temporaries, sample_done, sample_path, write_grid,
@@ -79,22 +81,21 @@ class SampleSummary:
 class LatentDecoder:
     """Model tokens of same-size images → uint8 images [N, H, W, 3].
 
-    Undoes the patchify and the normalisation (z = z_norm * std + mean), then decodes with the
-    catalog's encoder. The pixel encoder's latents are the pixels themselves, so they are rounded to
-    uint8 first and decoding is exact; a VAE gets the float latent ([N, C, h, w]; for KL VAEs that is
-    the plain latent, which their decode takes in place of the stored moments).
+    Undoes the patchify and the run's normalisation (`LatentScaling.denormalize`: per-channel
+    z = z_norm * std + mean, scalar z = z_norm / scaling_factor), then decodes with the catalog's
+    encoder. The pixel encoder's latents are the pixels themselves, so they are rounded to uint8
+    first and decoding is exact; a VAE gets the float latent ([N, C, h, w]; for KL VAEs that is the
+    plain latent, which their decode takes in place of the stored moments).
     """
 
-    def __init__(self, encoder, mean: Sequence[float], std: Sequence[float], patch_size: int, *,
-                 device: torch.device | str = "cpu", batch_size: int = 8):
+    def __init__(self, encoder, scaling: LatentScaling, patch_size: int, *, batch_size: int = 8):
         self.encoder = encoder
-        self.channels = len(mean)
+        self.scaling = scaling
+        self.channels = len(scaling.mean)
         if self.channels != encoder.info.channels:
             raise ValueError(f"normalisation has {self.channels} channels but encoder {encoder.info.name} makes "
                              f"{encoder.info.channels}")
         self.patch_size = patch_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
-        self.std = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
         self.batch_size = batch_size
         self.is_pixel = encoder.info.name == "pixel"
 
@@ -103,7 +104,7 @@ class LatentDecoder:
         h, w = size
         images = tokens.float().split(h * w)
         z = torch.stack([unpatchify(t, h, w, self.channels, self.patch_size) for t in images])
-        return z * self.std.to(z.device) + self.mean.to(z.device)
+        return self.scaling.denormalize(z)
 
     def __call__(self, tokens: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         z = self.latents(tokens, size)
@@ -129,115 +130,116 @@ def default_model_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path, *,
-             device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, preset: str | None = None,
-             solver: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
-             cfg_interval: Sequence[float] | None = None, shift: float | None = None,
-             rope_extrapolation: str = "none", decouple: bool = False,
-             rope_train_size: tuple[int, int] | None = None, batch_size: int = 16,
-             decode_batch_size: int = 8, ema: bool = True, catalogs: Sequence[str | Path] | None = None,
-             encoder_source: str | None = None, encoder=None, integration_dtype: torch.dtype = torch.float64,
-             grid_count: int = 36, rank: int = 0, world_size: int = 1,
-             progress: Progress | None = None) -> SampleSummary:
+@dataclass(frozen=True)
+class SampleSettings:
+    """How `generate` makes the samples a `SampleRequest` asks for (the CLI's options, one place).
+
+    Sampler: `preset` (a row of NiT's README, also giving the default size) with any of solver, steps,
+    cfg_scale, cfg_interval, shift, heun_guidance overriding it. RoPE extrapolation (none, linear,
+    dynntk, yarn; `decouple` per axis) applies to sizes larger than the checkpoint's largest training
+    size, or than `rope_train_size` (H, W in pixels) when given. `dtype` is the model's (default
+    bfloat16 on CUDA, float32 elsewhere); the state is integrated in `integration_dtype`. `catalogs`,
+    when given, are checked against the checkpoint's data identity; `encoder_source` is where the
+    decoder's weights load from, when not where the checkpoint says. Ranks own every
+    `world_size`-th sample."""
+
+    preset: str | None = None
+    solver: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    cfg_interval: tuple[float, float] | None = None
+    shift: float | None = None
+    heun_guidance: str | None = None
+    rope_extrapolation: str = "none"
+    decouple: bool = False
+    rope_train_size: tuple[int, int] | None = None
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype | None = None
+    integration_dtype: torch.dtype = torch.float64
+    batch_size: int = 16
+    decode_batch_size: int = 8
+    ema: bool = True
+    catalogs: tuple[str | Path, ...] = ()
+    encoder_source: str | None = None
+    grid_count: int = 36
+    rank: int = 0
+    world_size: int = 1
+
+    def sampler(self) -> SamplerConfig:
+        return resolve_sampler(self.preset, solver=self.solver, steps=self.steps, cfg_scale=self.cfg_scale,
+                               cfg_interval=self.cfg_interval, shift=self.shift, heun_guidance=self.heun_guidance)
+
+
+@dataclass
+class SamplingJob:
+    """What `generate` resolved from the checkpoint, the request and the settings before any work."""
+
+    folder: Path
+    info: dict[str, Any]
+    data: dict[str, Any]
+    scaling: LatentScaling
+    sampler: SamplerConfig
+    nfe: int
+    guided_nfe: int
+    plan: SamplePlan
+    train_tokens: tuple[int, int] | None
+    rope: RopeExtrapolation | None
+    device: torch.device
+    model_dtype: torch.dtype
+    batch_sizes: list[int]
+    weights_name: str
+    record: dict[str, Any]  # the settings that decide the pixels (a resume must repeat them)
+
+
+def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path,
+             settings: SampleSettings | None = None, *, encoder=None, progress: Progress | None = None,
+             **options) -> SampleSummary:
     """Make the plan's samples that this rank owns and that do not exist yet; then (rank 0, after a
     barrier when torch.distributed is initialised) the npz, grid and provenance of every complete size.
 
-    Sampler settings come from `preset` (a row of NiT's README, also giving the default size) with
-    any of solver/steps/cfg_scale/cfg_interval/shift overriding it. `dtype` is the model's (default
-    bfloat16 on CUDA, float32 elsewhere); the state is integrated in `integration_dtype`. RoPE
-    extrapolation (none, linear, dynntk, yarn; `decouple` per axis) applies to sizes larger than the
-    checkpoint's largest training size, or than `rope_train_size` (H, W in pixels) when given (e.g. a
-    model trained elsewhere at another size). `catalogs`, when given, are checked against the checkpoint's
-    data identity. `encoder` replaces the one the checkpoint names (e.g. one already loaded), and
-    `encoder_source` the place its weights load from. Ranks own every `world_size`-th sample.
+    How: `settings`, or its fields as keywords (`generate(..., steps=2)`), not both. `encoder`
+    replaces the one the checkpoint names (e.g. one already loaded).
     Bad requests raise ValueError (CheckpointMismatchError for a foreign catalog, CheckpointDamagedError
     for weights or a run.json that differ from what was saved) before any work; so does a size whose
     working set exceeds the memory available (a batch that does not fit is made smaller, with a warning).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    device = torch.device(device)
-    folder = resolve_checkpoint(checkpoint)
-    info = verify_checkpoint(folder, [], use="sample")  # run.json alone here; the weights below
-    data = _data_identity(info, folder)
-    model_config = info["model"]
-    patch_size, channels = int(model_config["patch_size"]), int(model_config["in_channels"])
-    saved_encoder = data["encoder"]
-    if channels != saved_encoder["channels"] or patch_size != data["patch_size"]:
-        raise CheckpointMismatchError(f"{folder}: the model takes {channels}-channel latents with patch {patch_size} "
-                                      f"but its data identity says {saved_encoder['channels']} channels, patch "
-                                      f"{data['patch_size']}; the run.json was edited or belongs to other weights")
+    if settings is not None and options:
+        raise TypeError(f"pass the sampling settings as `settings` or as keywords, not both ({sorted(options)})")
+    settings = settings or SampleSettings(**options)
+    job = _prepare(checkpoint, request, settings)
+    folder, plan, sampler = job.folder, job.plan, job.sampler
+    previous = _check_resumable(out_dir, job.record)
 
-    sampler = resolve_sampler(preset, solver=solver, steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                              shift=shift)
-    plan = plan_samples(request, factor=int(saved_encoder["factor"]), patch_size=patch_size,
-                        num_classes=int(model_config["num_classes"]),
-                        default_size=SAMPLE_PRESETS[preset].size if preset else None)
-    train_tokens = tuple(int(v) // patch_size for v in data["max_latent_hw"]) if data.get("max_latent_hw") else None
-    if rope_train_size is not None:  # pixels, as every size nr sample takes; RoPE counts tokens
-        unit = int(saved_encoder["factor"]) * patch_size
-        if len(rope_train_size) != 2 or min(rope_train_size) < unit:
-            raise ValueError(f"rope train size {rope_train_size}: give HxW in pixels, each at least one unit "
-                             f"({unit} px)")
-        train_tokens = (int(rope_train_size[0]) // unit, int(rope_train_size[1]) // unit)
-    rope = _rope(rope_extrapolation, decouple, train_tokens, folder)
-    if catalogs:
-        _check_catalogs(catalogs, data, patch_size, folder)
-    model_dtype = _model_dtype(dtype, device)
-    if batch_size < 1 or decode_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
-                         f"decode_batch_size={decode_batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-    nfe, guided_nfe = count_evaluations(sampler)
-    batch_sizes = _batch_sizes(plan, model_config, patch_size * patch_size * channels, model_dtype, sampler,
-                               batch_size, device)
-    saved_ema = (folder / "ema.safetensors").is_file() or "ema.safetensors" in (checkpoint_files(info) or {})
-    weights_name = "ema.safetensors" if ema and saved_ema else "model.safetensors"  # a lost EMA is named below
-    # one read of the weights gives both the provenance hash and the check against the saved one
-    weights_sha256 = file_sha256(folder / weights_name) if (folder / weights_name).is_file() else None
-    verify_checkpoint(folder, [weights_name], use="sample", digests={weights_name: weights_sha256 or ""})
-    settings = {
-        "checkpoint_sha256": weights_sha256, "weights": weights_name,
-        "sampler": {**dataclasses.asdict(sampler), "cfg_interval": list(sampler.cfg_interval)},
-        "integration_dtype": str(integration_dtype).removeprefix("torch."),
-        "model_dtype": str(model_dtype).removeprefix("torch."),
-        "rope": {"mode": rope_extrapolation, "decouple": decouple,
-                 # an override decides pixels; the checkpoint's own size is recorded in the provenance
-                 **({"train_size_tokens": list(train_tokens)} if rope_train_size is not None else {})},
-        "base_seed": plan.base_seed, "classes": {k: plan.class_spec[k] for k in ("mode", "classes")},
-        "encoder": {k: saved_encoder.get(k) for k in ("name", "factor", "channels", "quantity")},
-    }
-    previous = _check_resumable(out_dir, settings)
-
-    work = [(k, j) for k in range(len(plan.sizes)) for j in plan.indices][rank::world_size]
+    work = [(k, j) for k in range(len(plan.sizes)) for j in plan.indices][settings.rank::settings.world_size]
     todo = [(k, j) for k, j in work if not sample_done(sample_path(out_dir, plan.sizes[k].name, j))]
     warnings = [f"size {s.requested[0]}x{s.requested[1]} is not a multiple of {plan.unit} px; sampling at {s.name}"
                 for s in plan.sizes if s.rounded]
-    warnings += [f"size {s.name}: {b} images per model call instead of {batch_size}, to fit in memory"
-                 for s, b in zip(plan.sizes, batch_sizes) if b < batch_size and len(plan.indices) > b]
+    warnings += [f"size {s.name}: {b} images per model call instead of {settings.batch_size}, to fit in memory"
+                 for s, b in zip(plan.sizes, job.batch_sizes) if b < settings.batch_size and len(plan.indices) > b]
+    saved_encoder = job.data["encoder"]
     model = decoder = None
     if todo and encoder is None:  # a run with nothing left to make (only the npz to write) loads no weights
-        encoder = _load_encoder(saved_encoder, encoder_source, device)
+        encoder = _load_encoder(saved_encoder, settings.encoder_source, job.device)
     if encoder is not None:
-        _check_encoder(encoder, saved_encoder, data.get("encoder_weights"), warnings)
+        _check_encoder(encoder, saved_encoder, job.data.get("encoder_weights"), warnings)
     if todo:
-        decoder = LatentDecoder(encoder, data["normalization"]["mean"], data["normalization"]["std"], patch_size,
-                                device=device, batch_size=decode_batch_size)
-        model, _ = load_model(folder, ema=ema, device=device, attention="auto")
-        model = model.to(dtype=model_dtype)
-        model.use_attention(device, model_dtype, training=False)
+        decoder = LatentDecoder(encoder, job.scaling, job.info["model"]["patch_size"],
+                                batch_size=settings.decode_batch_size)
+        model, _ = load_model(folder, ema=settings.ema, device=job.device, attention="auto")
+        model = model.to(dtype=job.model_dtype)
+        model.use_attention(job.device, job.model_dtype, training=False)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for size in plan.sizes:
         (out_dir / size.name).mkdir(exist_ok=True)
-    outcomes = [SizeOutcome(size, extrapolated=rope is not None and _beyond(size, train_tokens),
-                            beyond_training=_beyond(size, train_tokens), missing=0) for size in plan.sizes]
-    record = _provenance(folder, info, settings, sampler, preset, nfe, guided_nfe, plan, outcomes, train_tokens,
-                         encoder.info if encoder else saved_encoder, data, device, world_size, batch_size)
+    outcomes = [SizeOutcome(size, extrapolated=job.rope is not None and _beyond(size, job.train_tokens),
+                            beyond_training=_beyond(size, job.train_tokens), missing=0) for size in plan.sizes]
+    record = _provenance(job, settings, outcomes, encoder.info if encoder else saved_encoder)
     if previous:
         record["created"] = previous.get("created", record["created"])
-    if rank == 0:
+    if settings.rank == 0:
         write_provenance(out_dir, {**record, "complete": False})
 
     skipped = len(work) - len(todo)
@@ -247,11 +249,11 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
         progress(skipped, len(work))
     for k, size in enumerate(plan.sizes):
         pending = [j for kk, j in todo if kk == k]
-        velocity = functools.partial(model, extrapolation=rope) if outcomes[k].extrapolated else model
-        for start in range(0, len(pending), batch_sizes[k]):
-            batch = pending[start:start + batch_sizes[k]]
-            tokens, calls = _sample_batch(velocity, model, plan, size, batch, sampler, model_dtype,
-                                          integration_dtype, device)
+        velocity = functools.partial(model, extrapolation=job.rope) if outcomes[k].extrapolated else model
+        for start in range(0, len(pending), job.batch_sizes[k]):
+            batch = pending[start:start + job.batch_sizes[k]]
+            tokens, calls = _sample_batch(velocity, model, plan, size, batch, sampler, job.model_dtype,
+                                          settings.integration_dtype, job.device)
             finite = torch.isfinite(tokens).view(len(batch), -1).all(dim=1).tolist()
             images = decoder(torch.nan_to_num(tokens, nan=0.0, posinf=0.0, neginf=0.0), size.tokens)
             for j, image, ok in zip(batch, images, finite):
@@ -265,12 +267,12 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
             if progress:
                 progress(skipped + generated, len(work))
 
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if settings.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     provenance = None
-    if rank == 0:
+    if settings.rank == 0:
         for k, outcome in enumerate(outcomes):
-            _finish_size(out_dir, plan, outcome, k in made_sizes, grid_count, single=len(outcomes) == 1)
+            _finish_size(out_dir, plan, outcome, k in made_sizes, settings.grid_count, single=len(outcomes) == 1)
         if nonfinite:
             warnings.append(f"{len(nonfinite)} samples had non-finite latents (zeroed before decoding), first "
                             f"{nonfinite[0]}; try dtype float32")
@@ -279,9 +281,75 @@ def generate(checkpoint: str | Path, request: SampleRequest, out_dir: str | Path
         record["complete"] = all(o.missing == 0 for o in outcomes)
         record["updated"] = _now()
         provenance = write_provenance(out_dir, record)
-    return SampleSummary(out_dir=out_dir, sampler=sampler, nfe=nfe, guided_nfe=guided_nfe, sizes=outcomes,
+    return SampleSummary(out_dir=out_dir, sampler=sampler, nfe=job.nfe, guided_nfe=job.guided_nfe, sizes=outcomes,
                          generated=generated, skipped=skipped, model_forwards=forwards, nonfinite=nonfinite,
                          warnings=warnings, provenance=provenance, seconds=time.perf_counter() - started)
+
+
+def _prepare(checkpoint: str | Path, request: SampleRequest, settings: SampleSettings) -> SamplingJob:
+    """Every check that needs no weights, then the weights' checksum: a bad request fails here."""
+    device = torch.device(settings.device)
+    folder = resolve_checkpoint(checkpoint)
+    info = verify_checkpoint(folder, [], use="sample")  # run.json alone here; the weights below
+    data = _data_identity(info, folder)
+    model_config = info["model"]
+    patch_size, channels = int(model_config["patch_size"]), int(model_config["in_channels"])
+    saved_encoder = data["encoder"]
+    if channels != saved_encoder["channels"] or patch_size != data["patch_size"]:
+        raise CheckpointMismatchError(f"{folder}: the model takes {channels}-channel latents with patch {patch_size} "
+                                      f"but its data identity says {saved_encoder['channels']} channels, patch "
+                                      f"{data['patch_size']}; the run.json was edited or belongs to other weights")
+    scaling = LatentScaling.from_record(data["normalization"])
+
+    sampler = settings.sampler()
+    preset = settings.preset
+    plan = plan_samples(request, factor=int(saved_encoder["factor"]), patch_size=patch_size,
+                        num_classes=int(model_config["num_classes"]),
+                        default_size=SAMPLE_PRESETS[preset].size if preset else None)
+    train_tokens = tuple(int(v) // patch_size for v in data["max_latent_hw"]) if data.get("max_latent_hw") else None
+    rope_train_size = settings.rope_train_size
+    if rope_train_size is not None:  # pixels, as every size nr sample takes; RoPE counts tokens
+        unit = int(saved_encoder["factor"]) * patch_size
+        if len(rope_train_size) != 2 or min(rope_train_size) < unit:
+            raise ValueError(f"rope train size {rope_train_size}: give HxW in pixels, each at least one unit "
+                             f"({unit} px)")
+        train_tokens = (int(rope_train_size[0]) // unit, int(rope_train_size[1]) // unit)
+    rope = _rope(settings.rope_extrapolation, settings.decouple, train_tokens, folder)
+    if settings.catalogs:
+        _check_catalogs(settings.catalogs, data, patch_size, folder)
+    model_dtype = _model_dtype(settings.dtype, device)
+    if settings.batch_size < 1 or settings.decode_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got batch_size={settings.batch_size}, "
+                         f"decode_batch_size={settings.decode_batch_size}")
+    if settings.world_size < 1 or not 0 <= settings.rank < settings.world_size:
+        raise ValueError(f"rank {settings.rank} is not in 0..world_size-1 (world_size {settings.world_size})")
+    nfe, guided_nfe = count_evaluations(sampler)
+    batch_sizes = _batch_sizes(plan, model_config, patch_size * patch_size * channels, model_dtype, sampler,
+                               settings.batch_size, device)
+    saved_ema = (folder / "ema.safetensors").is_file() or "ema.safetensors" in (checkpoint_files(info) or {})
+    weights_name = "ema.safetensors" if settings.ema and saved_ema else "model.safetensors"  # a lost EMA is named below
+    # one read of the weights gives both the provenance hash and the check against the saved one
+    weights_sha256 = file_sha256(folder / weights_name) if (folder / weights_name).is_file() else None
+    verify_checkpoint(folder, [weights_name], use="sample", digests={weights_name: weights_sha256 or ""})
+    sampler_record = {**dataclasses.asdict(sampler), "cfg_interval": list(sampler.cfg_interval)}
+    if sampler.solver != "heun":  # decides nothing then; left out so that older sample folders still resume
+        del sampler_record["heun_guidance"]
+    record = {
+        "checkpoint_sha256": weights_sha256, "weights": weights_name,
+        "sampler": sampler_record,
+        "integration_dtype": str(settings.integration_dtype).removeprefix("torch."),
+        "model_dtype": str(model_dtype).removeprefix("torch."),
+        "rope": {"mode": settings.rope_extrapolation, "decouple": settings.decouple,
+                 # an override decides pixels; the checkpoint's own size is recorded in the provenance
+                 **({"train_size_tokens": list(train_tokens)} if rope_train_size is not None else {})},
+        "base_seed": plan.base_seed, "classes": {k: plan.class_spec[k] for k in ("mode", "classes")},
+        "encoder": {k: saved_encoder.get(k) for k in ("name", "factor", "channels", "quantity")},
+    }
+    if scaling.mode == "scalar":  # per-channel runs keep the record older sample folders hold
+        record["normalization"] = {"mode": "scalar", "scaling_factor": scaling.scaling_factor}
+    return SamplingJob(folder=folder, info=info, data=data, scaling=scaling, sampler=sampler, nfe=nfe,
+                       guided_nfe=guided_nfe, plan=plan, train_tokens=train_tokens, rope=rope, device=device,
+                       model_dtype=model_dtype, batch_sizes=batch_sizes, weights_name=weights_name, record=record)
 
 
 def _sample_batch(velocity, model, plan: SamplePlan, size: SizeChoice, batch: list[int], sampler: SamplerConfig,
@@ -360,11 +428,13 @@ def _beyond(size: SizeChoice, train_tokens: tuple[int, int] | None) -> bool:
 
 
 def _check_catalogs(catalogs: Sequence[str | Path], data: dict[str, Any], patch_size: int, folder: Path) -> None:
+    """The catalogs hold latents the model reads, normalised in the run's own mode (in scalar mode
+    with its factor: the catalogs' statistics and recorded factor do not enter)."""
     from nrdata.catalog import Catalog
-    from nrtrain.normalization import pooled_normalization
 
     opened = [Catalog(c) for c in catalogs]
-    current = data_identity(opened, pooled_normalization(opened), patch_size)
+    saved = LatentScaling.from_record(data["normalization"])
+    current = data_identity(opened, saved if saved.mode == "scalar" else run_normalization(opened), patch_size)
     check_data_identity(data, current, where=f"checkpoint {folder} with catalogs {', '.join(map(str, catalogs))}")
 
 
@@ -466,26 +536,28 @@ def _size_record(outcome: SizeOutcome) -> dict[str, Any]:
             "npz": outcome.npz.name if outcome.npz else None, "grid": outcome.grid.name if outcome.grid else None}
 
 
-def _provenance(folder: Path, info: dict[str, Any], settings: dict[str, Any], sampler: SamplerConfig,
-                preset: str | None, nfe: int, guided_nfe: int, plan: SamplePlan, outcomes: list[SizeOutcome],
-                train_tokens, encoder_info, data: dict[str, Any], device: torch.device, world_size: int,
-                batch_size: int) -> dict[str, Any]:
-    reference = SAMPLE_PRESETS[preset] if preset else None
+def _provenance(job: SamplingJob, settings: SampleSettings, outcomes: list[SizeOutcome],
+                encoder_info) -> dict[str, Any]:
+    record, sampler, plan, info, data = job.record, job.sampler, job.plan, job.info, job.data
+    reference = SAMPLE_PRESETS[settings.preset] if settings.preset else None
+    scaling = job.scaling
     return {
         "format": PROVENANCE_FORMAT,
-        "settings": settings,
-        "checkpoint": {"path": str(folder), "step": info.get("step"), "weights": settings["weights"],
-                       "ema": settings["weights"] == "ema.safetensors", "sha256": settings["checkpoint_sha256"],
-                       "model": info["model"], "catalogs": data.get("catalogs")},
-        "sampler": {"preset": preset, "solver": sampler.solver, "steps": sampler.steps, "nfe": nfe,
-                    "guided_nfe": guided_nfe, "cfg_scale": sampler.cfg_scale,
+        "settings": record,
+        "checkpoint": {"path": str(job.folder), "step": info.get("step"), "weights": record["weights"],
+                       "ema": record["weights"] == "ema.safetensors", "sha256": record["checkpoint_sha256"],
+                       "model": info["model"], "catalogs": data.get("catalogs"),
+                       **({"imported": info["imported"]} if info.get("imported") else {})},
+        "sampler": {"preset": settings.preset, "solver": sampler.solver, "steps": sampler.steps, "nfe": job.nfe,
+                    "guided_nfe": job.guided_nfe, "cfg_scale": sampler.cfg_scale,
                     "cfg_interval": list(sampler.cfg_interval), "shift": sampler.shift,
-                    "integration_dtype": settings["integration_dtype"],
+                    "heun_guidance": sampler.heun_guidance if sampler.solver == "heun" else None,
+                    "integration_dtype": record["integration_dtype"],
                     "reference": ({"source": "NiT README, NiT-XL-1000K", "size": list(reference.size),
                                    "fid": reference.reference_fid} if reference else None)},
-        "dtype": settings["model_dtype"],
-        "rope": {"mode": settings["rope"]["mode"], "decouple": settings["rope"]["decouple"],
-                 "train_size_tokens": list(train_tokens) if train_tokens else None},
+        "dtype": record["model_dtype"],
+        "rope": {"mode": record["rope"]["mode"], "decouple": record["rope"]["decouple"],
+                 "train_size_tokens": list(job.train_tokens) if job.train_tokens else None},
         "seed": {"base": plan.base_seed, "rule": "sample j of every size uses seed base + j; its start and SDE "
                  "noise are PCG64 streams of SeedSequence([seed, 0]) and ([seed, 1])"},
         "classes": plan.class_spec,
@@ -494,8 +566,10 @@ def _provenance(folder: Path, info: dict[str, Any], settings: dict[str, Any], sa
         "total": plan.count * len(plan.sizes),
         "sizes": [_size_record(o) for o in outcomes],
         "encoder": encoder_info if isinstance(encoder_info, dict) else dataclasses.asdict(encoder_info),
-        "normalization": {"mean": list(data["normalization"]["mean"]), "std": list(data["normalization"]["std"]),
-                          "convention": "z = z_norm * std + mean"},
-        "device": str(device), "world_size": world_size, "batch_size": batch_size,
+        "normalization": {"mode": scaling.mode, "scaling_factor": scaling.scaling_factor,
+                          "mean": list(scaling.mean), "std": list(scaling.std),
+                          "convention": ("z = z_norm / scaling_factor" if scaling.mode == "scalar" else
+                                         "z = z_norm * std + mean")},
+        "device": str(job.device), "world_size": settings.world_size, "batch_size": settings.batch_size,
         "torch": torch.__version__, "code_version": code_version(), "created": _now(),
     }

@@ -23,7 +23,7 @@ import numpy as np
 
 from nrdata.policies import legal_size
 from nrtrain.transport import NIT_PRESETS, SamplerConfig
-from nrtrain.transport.solvers import SOLVERS
+from nrtrain.transport.solvers import HEUN_GUIDANCE, SOLVERS
 
 # tags the label stream apart from the solvers' noise streams of the same seed
 _LABEL_STREAM = 0x6C61626C  # "labl"
@@ -45,7 +45,7 @@ class SamplePreset:
 
 
 def _ode(cfg_scale: float, high: float) -> SamplerConfig:
-    return SamplerConfig("euler", 50, cfg_scale, (0.0, high))
+    return SamplerConfig("euler", 50, cfg_scale, (0.0, high), heun_guidance="step-start")
 
 
 # README "Resolution" is read as height × width, the order of NiT's --height/--width and folder names.
@@ -67,8 +67,9 @@ SAMPLE_PRESETS: dict[str, SamplePreset] = {
 
 def resolve_sampler(preset: str | None = None, *, solver: str | None = None, steps: int | None = None,
                     cfg_scale: float | None = None, cfg_interval: Sequence[float] | None = None,
-                    shift: float | None = None) -> SamplerConfig:
-    """The preset's settings (or SamplerConfig's defaults) with every given keyword taking precedence."""
+                    shift: float | None = None, heun_guidance: str | None = None) -> SamplerConfig:
+    """The preset's settings (or SamplerConfig's defaults) with every given keyword taking precedence.
+    NiT's presets guide Heun's corrector by the step's start, as NiT's sampler does."""
     if preset is not None and preset not in SAMPLE_PRESETS:
         raise ValueError(f"unknown sampling preset {preset!r}; choose one of {', '.join(SAMPLE_PRESETS)}")
     base = SAMPLE_PRESETS[preset].sampler if preset else SamplerConfig()
@@ -76,11 +77,14 @@ def resolve_sampler(preset: str | None = None, *, solver: str | None = None, ste
                            cfg_scale=base.cfg_scale if cfg_scale is None else float(cfg_scale),
                            cfg_interval=base.cfg_interval if cfg_interval is None else
                            tuple(float(v) for v in cfg_interval),
-                           shift=base.shift if shift is None else float(shift))
+                           shift=base.shift if shift is None else float(shift),
+                           heun_guidance=heun_guidance or base.heun_guidance)
     if config.solver not in SOLVERS:
         raise ValueError(f"unknown solver {config.solver!r}; choose one of {', '.join(SOLVERS)}")
     if config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
+    if config.heun_guidance not in HEUN_GUIDANCE:
+        raise ValueError(f"unknown heun guidance {config.heun_guidance!r}; choose one of {', '.join(HEUN_GUIDANCE)}")
     if config.cfg_scale < 1:
         raise ValueError(f"cfg scale must be >= 1 (1 = no guidance), got {config.cfg_scale}")
     low, high = config.cfg_interval if len(config.cfg_interval) == 2 else (None, None)

@@ -12,7 +12,7 @@ from nrdata.catalog import Catalog, LatentRow, Manifest
 from nrdata.encoders import PixelEncoder
 from nrtrain.checkpoint import CheckpointMismatchError, data_identity, save_checkpoint
 from nrtrain.model import build_model
-from nrtrain.normalization import catalog_normalization
+from nrtrain.normalization import LatentScaling, catalog_normalization
 from nrtrain.packed import patchify
 from nrtrain.sample import LatentDecoder, count_evaluations, generate
 from nrtrain.sample_plan import SAMPLE_PRESETS, SampleRequest, parse_size, plan_samples, resolve_sampler
@@ -221,7 +221,8 @@ def test_pixel_decode_undoes_normalisation_exactly():
     latents = torch.from_numpy(encoder.encode(images)).double()
     normalised = ((latents - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]).float()
     tokens = torch.cat([patchify(z, PATCH) for z in normalised])
-    decoded = LatentDecoder(encoder, mean.tolist(), std.tolist(), PATCH, batch_size=2)(tokens, (2, 3))
+    scaling = LatentScaling("per-channel", tuple(mean.tolist()), tuple(std.tolist()))
+    decoded = LatentDecoder(encoder, scaling, PATCH, batch_size=2)(tokens, (2, 3))
     assert decoded.dtype == np.uint8 and np.array_equal(decoded, images)
 
 
@@ -248,10 +249,17 @@ def test_plan_labels_seeds_and_counts():
 
 def test_presets_follow_nit_readme_rows_and_yield_to_options():
     preset = SAMPLE_PRESETS["nit-256"]
-    assert preset.size == (256, 256) and preset.sampler == SamplerConfig("euler-maruyama", 250, 2.25, (0.0, 0.7))
+    assert preset.size == (256, 256) and preset.sampler == SamplerConfig("euler-maruyama", 250, 2.25, (0.0, 0.7),
+                                                                          heun_guidance="step-start")
     assert SAMPLE_PRESETS["nit-432x768"].size == (432, 768)
     mixed = resolve_sampler("nit-1024", steps=20, cfg_scale=1.5)
-    assert mixed == SamplerConfig("euler", 20, 1.5, (0.0, 0.8))
+    assert mixed == SamplerConfig("euler", 20, 1.5, (0.0, 0.8), heun_guidance="step-start")
+    # every NiT row guides Heun's corrector as NiT's sampler does, should a user switch it to heun
+    assert all(p.sampler.heun_guidance == "step-start" for p in SAMPLE_PRESETS.values())
+    assert resolve_sampler("nit-768", solver="heun", heun_guidance="corrector").heun_guidance == "corrector"
+    assert resolve_sampler(solver="heun").heun_guidance == "corrector"
+    with pytest.raises(ValueError, match="unknown heun guidance 'start'"):
+        resolve_sampler(solver="heun", heun_guidance="start")
     plan = plan_samples(SampleRequest(count=1), factor=32, patch_size=1, num_classes=1000,
                         default_size=preset.size)
     assert plan.sizes[0].used == (256, 256)

@@ -273,3 +273,30 @@ def test_nit_presets_run_through_sample():
         assert result.nfe == preset.steps, name
         low, high = preset.cfg_interval
         assert result.guided_nfe == sum(low <= t <= high for t in result.grid[:-1].tolist()), name
+
+
+def test_heun_guidance_rules_differ_only_on_steps_crossing_the_interval_edge():
+    """NiT guides the corrector by the step's start; nr by default by the corrector's own time."""
+    def field(x, t, guide_at=None):  # guided velocity 2, unguided 1: the update counts guided evaluations
+        decided = t if guide_at is None else guide_at
+        return torch.full_like(x, 2.0 if decided <= 0.6 else 1.0)
+
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    grid = [1.0, 0.8, 0.6, 0.4, 0.0]  # step 0.8 -> 0.6 crosses into the interval [0, 0.6]
+    # by hand: per step x += dt * (v_cur + v_next) / 2, the last step Euler
+    ours = -0.2 * (1 + 1) / 2 - 0.2 * (1 + 2) / 2 - 0.2 * (2 + 2) / 2 - 0.4 * 2
+    nits = -0.2 * (1 + 1) / 2 - 0.2 * (1 + 1) / 2 - 0.2 * (2 + 2) / 2 - 0.4 * 2
+    assert heun(field, x, grid).item() == pytest.approx(ours)
+    assert heun(field, x, grid, "step-start").item() == pytest.approx(nits)
+    with pytest.raises(ValueError, match="unknown heun guidance"):
+        heun(field, x, grid, "start")
+
+    # through sample and GuidedField: steps 1, .75, .5, .25, 0 with the interval [0, 0.7]
+    batch = noise_batch()
+    counts = {}
+    for rule in ("corrector", "step-start"):
+        result = sample(PerImageModel(), batch, batch.labels, null_class=NULL, solver="heun", steps=4, cfg_scale=2.0,
+                        cfg_interval=(0.0, 0.7), heun_guidance=rule)
+        counts[rule] = result.guided_nfe
+    # predictors at .5 and .25 are guided under both; correctors at .5 (step from .75) and .25 only under ours
+    assert counts == {"corrector": 4, "step-start": 3}

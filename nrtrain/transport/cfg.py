@@ -61,10 +61,12 @@ class GuidedField:
         low, high = self.cfg_interval
         return self.doubled is not None and low <= t <= high
 
-    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, guide_at: float | None = None) -> torch.Tensor:
+        """v(x, t), guided when `guide_at` (default t) lies in the interval (Heun's NiT rule asks
+        about the step's start for its corrector)."""
         self.nfe += 1
         x_in = x.to(self.model_dtype)
-        if not self.guided_at(t):
+        if not self.guided_at(t if guide_at is None else guide_at):
             return self._velocity(x_in, t, self.batch).to(x.dtype)
         self.guided_nfe += 1
         both = self._velocity(torch.cat([x_in, x_in]), t, self.doubled).to(x.dtype)
