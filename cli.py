@@ -69,6 +69,8 @@ def _open_catalog(path: Path):
 @app.command()
 def doctor() -> None:
     """Versions of torch, CUDA, ray, diffusers, flash-attn, and the devices and attention backend a run will use."""
+    from rich.markup import escape
+
     from nrtrain.environment import environment_report
 
     table = Table(show_header=False, box=None)
@@ -76,7 +78,7 @@ def doctor() -> None:
     for check in environment_report():
         mark = "[green]ok[/green]" if check.ok else "[red]missing[/red]"
         bad += not check.ok
-        table.add_row(mark, check.name, check.value, f"[dim]{check.hint}[/dim]")
+        table.add_row(mark, check.name, check.value, f"[dim]{escape(check.hint)}[/dim]")  # 'nr[plots]' is no markup
     console.print(table)
     if bad:
         raise typer.Exit(1)

@@ -9,7 +9,8 @@ from importlib import metadata
 from nrdata.version import code_version
 
 # distribution names, in the order a person debugging an install wants to see them
-PACKAGES = ("torch", "ray", "diffusers", "flash-attn", "numba", "pyarrow", "polars", "safetensors", "pillow")
+PACKAGES = ("torch", "ray", "diffusers", "flash-attn", "numba", "pyarrow", "polars", "safetensors", "pillow",
+            "matplotlib", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -27,26 +28,16 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
-def attention_backend(device_type: str, dtype=None) -> tuple[str, str]:
-    """(backend, why) for packed attention on a device type, in bf16 on CUDA (what `precision=auto`
-    trains in) and fp32 elsewhere unless `dtype` says otherwise (nrtrain.attention.choose_backend)."""
-    import torch
-
-    from nrtrain.attention import choose_backend
-
-    if dtype is None:
-        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    return choose_backend(device_type, dtype)
-
-
 def environment_report() -> list[Check]:
     checks = [Check("nr", code_version()), Check("python", platform.python_version())]
     for dist in PACKAGES:
         version = installed_version(dist)
-        optional = dist in ("ray", "diffusers", "flash-attn")
+        optional = dist in ("ray", "diffusers", "flash-attn", "matplotlib", "tensorboard")
         hint = {"flash-attn": "optional, CUDA only: pip install flash-attn --no-build-isolation",
                 "ray": "needed by nr encode: pip install 'nr[encode]'",
-                "diffusers": "needed by the VAE encoders: pip install 'nr[encode]'"}.get(dist, "")
+                "diffusers": "needed by the VAE encoders: pip install 'nr[encode]'",
+                "matplotlib": "optional, for the PNG plots: pip install 'nr[plots]'",
+                "tensorboard": "optional, for TensorBoard logs: pip install 'nr[tensorboard]'"}.get(dist, "")
         checks.append(Check(dist, version or "not installed", ok=version is not None or optional,
                             hint="" if version else hint))
     import torch
@@ -59,6 +50,10 @@ def environment_report() -> list[Check]:
         checks.append(Check("bf16", "supported" if torch.cuda.is_bf16_supported() else "not supported"))
     else:
         checks.append(Check("devices", f"cpu ({torch.get_num_threads()} threads)"))
-    backend, why = attention_backend("cuda" if cuda else "cpu")
+    from nrtrain.attention import choose_backend
+    from nrtrain.train import precision_dtype
+
+    device = torch.device("cuda" if cuda else "cpu")
+    backend, why = choose_backend(device.type, precision_dtype("auto", device))  # what `nr train` picks
     checks.append(Check("attention backend", f"{backend} ({why})"))
     return checks

@@ -300,6 +300,8 @@ class NiT(nn.Module):
             block.compile(**{"dynamic": True, **options})
 
     def attention_backend(self, device: torch.device) -> str:
+        """The backend `use_attention` fixed for this device type, else what nrtrain.attention's
+        resolve_backend (the one place that decides) gives for the dtype this forward computes in."""
         plan = self.attention_plan
         if plan is not None and plan[0] == device.type:
             return plan[1]
