@@ -21,6 +21,7 @@ from nrdata.catalog import Catalog, layout, validate_catalog  # noqa: E402
 from nrdata.demo_data import BAD_FILES, CLASSES, write_demo_images  # noqa: E402
 from nrdata.encoders import PixelEncoder  # noqa: E402
 from nrdata.policies import parse_policy  # noqa: E402
+from nrdata.repa_images import repa_views  # noqa: E402
 from pipelines.encode import EncodeConfig, EncoderSpec, run_encode  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -60,7 +61,7 @@ def test_encode_on_ray_is_complete_exact_and_resumes(tmp_path, local_ray):
     images = write_demo_images(tmp_path / "images", per_class=8, seed=3)
     config = EncodeConfig(source=str(images.root), out=str(tmp_path / "cat"), encoder=EncoderSpec("pixel", factor=8),
                           policies=("native", "64"), flip=True, shard_rows=9, images_per_call=5,
-                          max_failure_rate=0.5)
+                          max_failure_rate=0.5, repa_pixels=4)
     seen = []
     first = run_encode(config, on_progress=lambda p: seen.append(p.done))
     assert first.ray["mode"] == "existing"
@@ -70,6 +71,12 @@ def test_encode_on_ray_is_complete_exact_and_resumes(tmp_path, local_ray):
     cat = _check_complete(tmp_path / "cat", images.root, ["native", "64"], 8, flip=True)
     assert cat.manifest.normalization.ready and cat.manifest.notes["made_by"] == "nr encode"
     assert len(list((tmp_path / "cat" / layout.SHARD_DIR).iterdir())) > 1
+    # --repa-pixels 4: each latent's REPA image, its encoded pixels at 4 px per latent cell
+    assert cat.manifest.repa_pixels == 4
+    for row in cat.index.to_pylist()[::5]:
+        pixels = parse_policy(row["variant"], unit=8).apply(Image.open(images.root / row["key"]).convert("RGB"))
+        latent_hw = (row["latent_h"], row["latent_w"])
+        np.testing.assert_array_equal(cat.repa_image(row["row_id"]), repa_views(pixels[None], latent_hw, 4)[0])
 
     again = run_encode(config)
     assert (again.encoded, again.skipped, again.failed) == (0, 2 * good, 0)
