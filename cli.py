@@ -665,6 +665,48 @@ def import_nit_command(
                   f"-> {out}  (nr catalog info {out})", soft_wrap=True)
 
 
+@import_app.command("nit-model")
+def import_nit_model_command(
+    checkpoint: Annotated[Path, typer.Argument(help="NiT's checkpoint, e.g. model_1000K.safetensors (.pt too).",
+                                               exists=True, dir_okay=False, show_default=False)],
+    out: Annotated[Path, typer.Option(help="Run folder to write (new or empty).", show_default=False)],
+    encoder: Annotated[str, typer.Option(help="The autoencoder NiT was trained on.")] = "dc-ae-f32c32",
+    encoder_source: Annotated[Optional[str], typer.Option(
+        help="Its weights: a hub id or a local folder [default: mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers].",
+        show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Check the file holds this size: S, B, L or XL.",
+                                                  show_default=False)] = None,
+    scaling_factor: Annotated[Optional[float], typer.Option(help="Latent scale [default: the encoder config's].",
+                                                            show_default=False)] = None,
+    train_size: Annotated[str, typer.Option(help="HxW px RoPE extrapolation starts from when sampling larger "
+                                                 "(nr sample --rope-train-size overrides it).")] = "512x512",
+    ignore_extra: Annotated[Optional[list[str]], typer.Option(
+        help="Prefix of checkpoint keys to skip (repeatable) [default: projector., NiT's REPA projector].",
+        show_default=False)] = None,
+) -> None:
+    """Bring NiT's released weights in as a run folder that nr sample and init_from read.
+
+    Records the model config read from the tensors, NiT's RoPE grid, the scalar normalisation
+    (z x scaling_factor), the decoder's identity and the training size."""
+    from nrtrain.checkpoint import CheckpointMismatchError
+    from nrtrain.pretrained import import_nit_model
+    from nrtrain.sample_plan import parse_size
+
+    try:
+        summary = import_nit_model(checkpoint, out, encoder=encoder, encoder_source=encoder_source, preset=preset,
+                                   scaling_factor=scaling_factor, train_size=parse_size(train_size),
+                                   ignore_extra=tuple(ignore_extra) if ignore_extra else ("projector.",))
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, CheckpointMismatchError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    c = summary.config
+    skipped = summary.report.skipped
+    console.print(f"NiT depth {c.depth}, hidden {c.hidden}, heads {c.heads}, {c.num_classes} classes, "
+                  f"{len(summary.report.loaded)} tensors ({len(skipped)} skipped{': ' + skipped[0] + ', ...' if skipped else ''}); "
+                  f"normalisation {summary.scaling.describe()} -> {summary.checkpoint}", soft_wrap=True)
+    console.print(f"next: nr sample {out} --preset nit-256 --count 8 --out samples/nit-256", soft_wrap=True)
+
+
 # -- nr catalog ------------------------------------------------------------------------------
 
 @catalog_app.command("info")

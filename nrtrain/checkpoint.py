@@ -33,7 +33,8 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,10 @@ def check_normalization_mode(saved: dict[str, Any], current: dict[str, Any], *, 
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,
-                    state: dict[str, Any], run_info: dict[str, Any], keep: int | None = None,
+                    state: dict[str, Any] | None, run_info: dict[str, Any], keep: int | None = None,
                     keep_every: int | None = None) -> Path:
     """Write checkpoint `step` completely, then point `latest` at it. Returns its folder.
+    `state` None writes no state.pt: weights to sample or start from, not a run to resume (an import).
 
     Older checkpoints beyond the last `keep` are removed, except milestones: steps that are a
     multiple of `keep_every`.
@@ -165,8 +167,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, ema: to
         if ema is not None:
             writing = tmp / "ema.safetensors"
             save_file(_cpu_state(ema), str(writing))
-        writing = tmp / "state.pt"
-        torch.save(state, writing)
+        if state is not None:
+            writing = tmp / "state.pt"
+            torch.save(state, writing)
         writing = tmp / RUN_INFO
         # hashed from the files as written: a later change to any byte of them is caught at load time
         files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
@@ -447,15 +450,58 @@ def load_weights(checkpoint: str | Path, *, ema: bool = True, use: str = "resume
 
 
 def load_model(checkpoint: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
-               use: str = "sample", **overrides) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The NiT of a checkpoint (EMA weights by default) in eval mode, and its run info."""
+               use: str = "sample", ignore_extra: Sequence[str] = (),
+               **overrides) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The NiT of a checkpoint (EMA weights by default) in eval mode, and its run info. Every tensor
+    must load (`load_state`); `ignore_extra` names prefixes of checkpoint keys to skip."""
     from nrtrain.model import NiT, NiTConfig
 
     info = read_run_info(checkpoint)
     config = NiTConfig(**{**info["model"], **overrides})
     model = NiT.from_config(config)
-    model.load_state_dict(load_weights(checkpoint, ema=ema, use=use), strict=True)
+    load_state(model, load_weights(checkpoint, ema=ema, use=use), ignore_extra=ignore_extra,
+               origin=str(weights_file(checkpoint, ema=ema)))
     return model.to(device).eval(), info
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    loaded: list[str]  # model keys filled from the checkpoint
+    missing: list[str]  # model keys the checkpoint lacks, left as the model initialised them (allowed ones)
+    skipped: list[str]  # checkpoint keys the model has no place for, skipped on request
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, ignore_extra: Sequence[str] = (),
+               allow_missing: Sequence[str] = (), origin: str = "checkpoint") -> LoadReport:
+    """Load `state` into `model`; returns what was loaded, left missing and skipped.
+
+    Checkpoint keys the model lacks are refused unless they start with a prefix in `ignore_extra`
+    (e.g. "projector." for NiT's REPA projector); model keys the checkpoint lacks are refused unless
+    they start with one in `allow_missing`. A refusal (CheckpointMismatchError) lists every key that
+    is missing, extra or of another shape, and loads nothing."""
+    expected = model.state_dict()
+    extra = sorted(k for k in state if k not in expected)
+    skipped = [k for k in extra if k.startswith(tuple(ignore_extra))] if ignore_extra else []
+    unexpected = [k for k in extra if k not in skipped]
+    absent = sorted(k for k in expected if k not in state)
+    missing = [k for k in absent if allow_missing and k.startswith(tuple(allow_missing))]
+    refused_missing = [k for k in absent if k not in missing]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if refused_missing or unexpected or mismatched:
+        problems = [f"missing from the checkpoint: {_listed(refused_missing)}" if refused_missing else "",
+                    f"not in the model: {_listed(unexpected)} (skip them on request: ignore_extra=[prefix, ...])"
+                    if unexpected else "",
+                    f"shape mismatch: {_listed(mismatched)}" if mismatched else ""]
+        raise CheckpointMismatchError(f"{origin} does not fit the model: " + "; ".join(p for p in problems if p))
+    wanted = {k: v for k, v in state.items() if k in expected}
+    model.load_state_dict(wanted, strict=False)
+    return LoadReport(loaded=sorted(wanted), missing=missing, skipped=skipped)
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def load_training_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -30,6 +30,13 @@ class TrainConfig:
     class_dropout_prob: float = 0.1
     t_mean: float = 0.0  # t = sigmoid(N(t_mean, t_std)) per image (logit-normal; NiT: 0 and 1)
     t_std: float = 1.0
+    # latents as the model sees them: per-channel (the catalogs' mean/std) or scalar (z * scaling_factor,
+    # NiT's: for its released latents from `nr import nit` and fine-tunes of its weights)
+    normalization: str = "per-channel"
+    scaling_factor: float | None = None  # scalar mode; default: the encoder's own, from the catalogs' manifests
+    # start from these weights (an nr run or checkpoint, or an `nr import nit-model` folder): model and EMA
+    # begin there, optimizer and schedule fresh; the model config must match
+    init_from: str | None = None
     # REPA, on when repa_encoder is set: a TorchScript file or hub:<local repo dir>:<entry> (nrtrain.repa)
     repa_encoder: str | None = None
     repa_depth: int = 8  # the projector reads this block's output (NiT: 4 for S and B, 6 for L, 8 for XL)
@@ -73,7 +80,9 @@ class TrainConfig:
             "precision": (self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
             "steps": (self.steps >= 1, ">= 1"), "grad_accum": (self.grad_accum >= 1, ">= 1"),
             "ckpt_every": (self.ckpt_every >= 1, ">= 1"), "log_every": (self.log_every >= 1, ">= 1"),
-            "t_std": (self.t_std > 0, "> 0"), "keep_every": (self.keep_every is None or self.keep_every >= 1, ">= 1"),
+            "t_std": (self.t_std > 0, "> 0"),
+            "normalization": (self.normalization in ("per-channel", "scalar"), "per-channel or scalar"),
+            "scaling_factor": (self.scaling_factor is None or self.scaling_factor > 0, "> 0 (or unset)"), "keep_every": (self.keep_every is None or self.keep_every >= 1, ">= 1"),
             "keep_checkpoints": (self.keep_checkpoints is None or self.keep_checkpoints >= 1, ">= 1 (or unset: all)"),
             "repa_weight": (self.repa_encoder is None or self.repa_weight > 0, "> 0 when repa_encoder is set"),
             "overwrite": (not (self.overwrite and self.resume), "false with resume (one continues the run in out, "

@@ -35,7 +35,9 @@ from nrtrain.distributed import Distributed, setup_distributed
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
+from nrtrain.normalization import run_normalization, use_scaling
 from nrtrain.packed import PackedBatch
+from nrtrain.pretrained import inherited_model_fields, init_weights
 from nrtrain.repa import load_vision_encoder, repa_targets
 from nrtrain.run_folder import (MetricsLog, plot_loss, preflight, read_metrics,  # noqa: F401  (read_metrics: API)
                                 remove_previous_run, truncate_metrics)
@@ -241,17 +243,24 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                           repa_patch_size=encoder.patch_size if encoder else None)
     dataset = loader.dataset
     catalogs = dataset.catalogs
-    identity = data_identity(catalogs, loader.normalization, dataset.patch_size)
-    # unlabelled rows (label -1) train as the null class, so an unlabelled catalog trains unconditionally
-    num_classes = config.num_classes or max(1, 1 + max(int(c.scan().select("label").max().collect().item())
-                                                       for c in catalogs))
+    scaling = run_normalization(catalogs, config.normalization, config.scaling_factor)
+    if scaling.mode == "scalar":
+        use_scaling(dataset, scaling)
+    identity = data_identity(catalogs, scaling, dataset.patch_size)
+    # unlabelled rows (label -1) train as the null class, so an unlabelled catalog trains unconditionally;
+    # a fine-tune keeps the class count of the weights it starts from
+    inherited = inherited_model_fields(config.init_from) if config.init_from else {}
+    num_classes = config.num_classes or inherited.pop("num_classes", None) or max(
+        1, 1 + max(int(c.scan().select("label").max().collect().item()) for c in catalogs))
+    inherited.pop("num_classes", None)
 
     # model, EMA, optimizer; the same seed on every rank gives the same initial weights
     torch.manual_seed(config.seed)
     projector = (dict(repa_depth=config.repa_depth, repa_dim=encoder.dim, repa_hidden=config.repa_hidden)
                  if encoder else {})
     model = build_model(config.model, in_channels=dataset.channels, patch_size=dataset.patch_size,
-                        mlp=config.mlp, attention=config.attention, num_classes=num_classes, **projector).to(device)
+                        mlp=config.mlp, attention=config.attention, num_classes=num_classes, **projector,
+                        **inherited).to(device)
     # the attention backend is fixed from device, compute dtype and compile before anything is compiled
     # (or written: a backend that cannot run here is refused before the run folder holds anything)
     model.use_attention(device, precision_dtype(config.precision, device), training=True,
@@ -268,6 +277,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
                 "world_size": ddp.world_size, "code_version": code_version(),
                 "repa": encoder.describe() if encoder else None}
 
+    if config.init_from and not config.resume:  # a resume continues from its own checkpoint
+        run_info["init_from"] = init_weights(model, ema, config.init_from, identity)
     step = 0
     if config.resume:
         check_data_identity(saved["data"], identity, where=str(checkpoint))
