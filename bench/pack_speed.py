@@ -266,7 +266,9 @@ def main(argv=None) -> int:
 
     print("nr pack benchmark: synthetic ImageNet-1k merged meta (native + 256px + 512px)")
     print(f"command: PYTHONPATH=. {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
-    print(f"machine: {os.cpu_count()} CPUs; numpy {np.__version__}; numba {__import__('numba').__version__}")
+    print(f"machine: {os.cpu_count()} CPUs; numpy {np.__version__}; numba {__import__('numba').__version__}; "
+          f"load average (1, 5, 15 min) {' '.join(f'{x:.2f}' for x in os.getloadavg())} (above the CPU count: "
+          "other work competed for the cores)")
     print(
         f"items: {lengths.size:,} (native {native.size:,}: mean {native.mean():.1f}, "
         f"median {int(np.median(native))}, max {native.max()} tokens; + {N_IMAGENET:,} x 64 "
@@ -357,6 +359,7 @@ def main(argv=None) -> int:
     print()
     split_rows(lengths, L, args.splits, lambda n: a * n + b * n * n if b > 0 else a2 * n / n2,
                args.measure_chunk_max, wall, packing)
+    print(f"load average (1, 5, 15 min) after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 
