@@ -353,14 +353,16 @@ KEY_PREFIXES = ("module.", "_orig_mod.")
 class CheckpointReport:
     loaded: list[str]  # model keys filled from the checkpoint
     converted: list[str]  # keys whose tensor was reshaped (the Conv2d patch embedding)
-    ignored: list[str]  # checkpoint keys left unused on purpose (REPA projector when the model has none)
+    ignored: list[str]  # checkpoint keys left unused on purpose (REPA projector when the model has none, ignore_extra)
 
 
-def load_nit_checkpoint(model: NiT, source: dict | str | Path, *, check_rope_grid: bool = True) -> CheckpointReport:
+def load_nit_checkpoint(model: NiT, source: dict | str | Path, *, check_rope_grid: bool = True,
+                        ignore_extra: tuple[str, ...] = ()) -> CheckpointReport:
     """Load NiT's released weights (a state dict, or a .safetensors/.pt path) into `model`, strictly.
 
-    Every model tensor must come from the checkpoint with the same shape; the only key allowed to be
-    left over is the REPA projector when the model was built without one. Raises ValueError listing
+    Every model tensor must come from the checkpoint with the same shape; the keys allowed to be left
+    over (reported as `ignored`) are the REPA projector when the model was built without one, and
+    those starting with a prefix in `ignore_extra`, on request. Raises ValueError listing
     missing, unexpected and mis-shaped keys. NiT was trained with its own RoPE grid, so the model must
     be built with rope_grid="nit" unless check_rope_grid=False (e.g. to fine-tune into rowcol).
     """
@@ -373,7 +375,8 @@ def load_nit_checkpoint(model: NiT, source: dict | str | Path, *, check_rope_gri
     incoming = {}
     for key, tensor in state.items():
         if key not in expected:
-            if key.startswith("projector.") and model.projector is None:
+            if (key.startswith("projector.") and model.projector is None) or (
+                    ignore_extra and key.startswith(tuple(ignore_extra))):
                 ignored.append(key)
                 continue
             incoming[key] = tensor

@@ -158,14 +158,17 @@ def test_sampling_the_imported_run_at_two_sizes_matches_the_explicit_computation
 
 def test_a_nit_preset_samples_the_imported_run(nit, tmp_path):
     out = tmp_path / "preset"
-    result = invoke("sample", nit["run"], "--out", out, "--preset", "nit-256", "--classes", "4", "--count", "1",
-                    "--seed", "2", "--steps", "6")
+    # NiT's 256 row (Euler-Maruyama, CFG 2.25 on [0, 0.7]) with fewer steps and a smaller size, for time
+    result = invoke("sample", nit["run"], "--out", out, "--preset", "nit-256", "--size", "96x64", "--classes", "4",
+                    "--count", "1", "--seed", "2", "--steps", "6")
     assert result.exit_code == 0, result.output
     preset = SAMPLE_PRESETS["nit-256"].sampler
-    expected = explicit_samples(nit, (8, 8), [2], [4], solver=preset.solver, steps=6, cfg_scale=preset.cfg_scale,
+    expected = explicit_samples(nit, (3, 2), [2], [4], solver=preset.solver, steps=6, cfg_scale=preset.cfg_scale,
                                 cfg_interval=preset.cfg_interval)
-    made = png(out / "256x256" / "000000.png")
-    assert made.shape == (256, 256, 3) and np.abs(made.astype(int) - expected[0].astype(int)).max() <= 1
+    made = png(out / "96x64" / "000000.png")
+    assert made.shape == (96, 64, 3) and np.abs(made.astype(int) - expected[0].astype(int)).max() <= 1
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["sampler"]["preset"] == "nit-256" and provenance["sampler"]["solver"] == "euler-maruyama"
     assert (out / "samples.npz").is_file() and (out / "grid.png").is_file()
 
 
@@ -256,3 +259,32 @@ def test_a_run_of_one_mode_refuses_checkpoints_of_the_other(nit, tmp_path):
                          out=str(tmp_path / "plain"))
         train(pc)
         train(TrainConfig(**{**asdict(pc), "steps": 2, "resume": True, "normalization": "scalar"}))
+
+
+def test_loaders_report_missing_and_skipped_keys_and_skip_extras_only_on_request():
+    from nrtrain.checkpoint import load_state
+
+    config = NiTConfig(in_channels=CHANNELS, patch_size=1, hidden=D, depth=DEPTH, heads=HEADS, num_classes=CLASSES,
+                       rope_grid="nit", repa_depth=1, repa_dim=12, repa_hidden=32)
+    source = NiT.from_config(config).state_dict()
+    plain = NiT.from_config(NiTConfig(**{**asdict(config), "repa_depth": None, "repa_dim": None}))
+    with pytest.raises(CheckpointMismatchError, match="not in the model: projector.0.bias, .*ignore_extra"):
+        load_state(plain, source)
+    report = load_state(plain, source, ignore_extra=("projector.",))
+    assert report.skipped == sorted(k for k in source if k.startswith("projector.")) and report.missing == []
+    # the other way: a model with a projector from weights without one
+    with_projector = NiT.from_config(config)
+    without = plain.state_dict()
+    with pytest.raises(CheckpointMismatchError, match="missing from the checkpoint: projector"):
+        load_state(with_projector, without)
+    report = load_state(with_projector, without, allow_missing=("projector.",))
+    assert report.missing == sorted(k for k in source if k.startswith("projector.")) and report.skipped == []
+    assert torch.equal(with_projector.blocks[0].attn.qkv.weight, plain.blocks[0].attn.qkv.weight)
+    # NiT's own loader: an extra key is refused, then skipped when asked
+    nit_state = {k: torch.zeros(s) for k, s in nit_layout().items()}
+    nit_state["pos_embed"] = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="not in the model"):
+        load_nit_checkpoint(NiT.from_config(NiTConfig(**{**asdict(config), "repa_depth": None, "repa_dim": None})),
+                            nit_state)
+    loaded = load_nit_checkpoint(plain, nit_state, ignore_extra=("pos_embed",))
+    assert "pos_embed" in loaded.ignored and "projector.0.weight" in loaded.ignored
