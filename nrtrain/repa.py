@@ -9,11 +9,19 @@ token), so the encoder yields exactly h*w patch features for an image of h x w t
 the tokens. The model's projector (after block `repa_depth`) is pulled towards them by cosine
 similarity per token (`FlowMatchingLoss(repa_weight=...)`).
 
-Where the pixels come from: `PackedLoader(..., repa_images=True)` gives each batch the catalog rows'
-source images resized by the rows' own policies and mirrored where the flipped twin was drawn, so
-the features always describe the latents they are paired with. NiT instead resizes the source JPEG
-straight to 16 px per token; here the encoder sees a downscaled view of the very pixels that were
-encoded.
+Where the pixels come from. `nr encode --repa-pixels k` (k = the encoder's patch size / the
+model's patch size) stores each latent's REPA image beside it in the catalog's shards: its encoded
+pixels resized to k px per latent cell (`nrdata.repa_images`), uint8. `PackedLoader(...,
+repa_images="stored")`, what `nr train` uses, hands them over memory-mapped and mirrored where the
+flipped twin was drawn, so the features always describe the latents they are paired with and no
+image is decoded during training (`stored_repa_rows` finds them, and refuses a catalog without them
+with the `nr encode` command that stores them). `repa_images="source"` is the slower path for
+catalogs without them: each row's source image decoded and resized by its policy at every step
+(`SourcePixels`). Both give the same targets up to the stored image's rounding to uint8 (within
+0.5/255 per pixel; tests/test_repa_store.py). NiT instead resizes the source JPEG straight to 16 px
+per token at every step; here the encoder sees a downscaled view of the very pixels that were
+encoded. Why stored images and not features precomputed at encode time or JPEGs decoded on the GPU:
+BENCHMARKS.md, "REPA data path".
 
 What an encoder is (`load_vision_encoder`):
 
