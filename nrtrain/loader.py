@@ -46,7 +46,8 @@ intact, so later epochs pay a byte lookup (`bench/loader_throughput.py` measures
 stops the batch with a CorruptLatentError naming the shard file, the row and its key, so no
 training step ever sees a damaged latent. Structural damage (an index part copied, deleted or
 truncated, a shard missing, truncated, or whose offsets disagree with the index) is refused when
-the loader is built, before any batch (`nrdata.catalog.reader`).
+the loader is built, before any batch (`nrdata.catalog.reader`). Stored REPA images are checked
+the same way, against the CRC-32 their shard keeps.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nrdata.catalog import Catalog, CatalogIntegrityError, Normalization, layout
 from nrdata.catalog.checksum import crc32, crc32_combine_gen, crc32_combine_op
-from nrdata.catalog.reader import ShardView
+from nrdata.catalog.reader import CorruptLatentError, ShardView
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
@@ -179,8 +180,8 @@ class PackedDataset(IterableDataset):
         self._rows, self._shard_paths = _row_table(opened, self.patch_size, self._moments)
         self._catalog_starts = np.cumsum([0] + [len(c) for c in opened])
         self.verify = bool(verify)
-        # halves found intact by this rank so far (bit 1: latent, bit 2: twin); shared memory, so
-        # that forked workers share it
+        # halves found intact by this rank so far (bit 1: latent, bit 2: twin, bit 4: the stored REPA
+        # image); shared memory, so that forked workers share it
         self._verified = torch.zeros(len(self._rows["crc"]), dtype=torch.uint8).share_memory_()
         self._buffers: List | None = None  # the shards' bytes, memory-mapped by each process itself
         self._source_pixels = SourcePixels(opened, image_root) if repa_images == "source" else None
@@ -292,8 +293,11 @@ class PackedDataset(IterableDataset):
         if self._repa is not None:
             repa = self._repa
             start = spans[REPA_SPAN][0]
-            _copy_repa_images(self._repa_shard_buffers(), row_ids, rows["shard"], repa["offset"], repa["h"], repa["w"],
-                              flips, slot[start: start + repa_bytes].numpy())
+            bad = _copy_repa_images(self._repa_shard_buffers(), row_ids, rows["shard"], repa["offset"], repa["h"],
+                                    repa["w"], repa["crc"], self._verified.numpy(), self.verify, flips,
+                                    slot[start: start + repa_bytes].numpy())
+            if bad >= 0:
+                self._refuse_repa_image(int(row_ids[bad]))
             batch = batch_views(slot, spans, longest, image_shapes=self.image_shapes(row_ids))
         return batch, spans, size
 
@@ -318,6 +322,15 @@ class PackedDataset(IterableDataset):
                 buffers.append(ShardView(path).repa[1])
             self._repa_buffers = buffers
         return self._repa_buffers
+
+    def _refuse_repa_image(self, row: int) -> None:
+        k = int(np.searchsorted(self._catalog_starts, row, side="right")) - 1
+        catalog, local = self.catalogs[k], row - int(self._catalog_starts[k])
+        entry = catalog.index.slice(local, 1).to_pylist()[0]
+        raise CorruptLatentError(
+            f"shard {catalog.root / layout.SHARD_DIR / entry['shard']} row {entry['shard_row']} (catalog row {local}, "
+            f"key {entry['key']}): its REPA image does not match the checksum recorded when it was written; run "
+            f"`nr catalog validate {catalog.root}`, then restore the shard from a backup or re-encode the catalog")
 
     def _refuse_row(self, row: int) -> None:
         """Raise the CorruptLatentError of merged row `row`, whose checksum the compiled pass found wrong."""
@@ -425,14 +438,19 @@ def _fill_pack(buffers, row_ids, catalog_of, heights, widths, has_twin, shard_of
 
 
 @njit(cache=True, nogil=True)
-def _copy_repa_images(buffers, row_ids, shard_of, offsets, heights, widths, flips, out):
+def _copy_repa_images(buffers, row_ids, shard_of, offsets, heights, widths, crcs, verified, verify, flips, out):
     """The stored REPA images of `row_ids`, one after the other into `out`, mirrored left-right where
-    `flips` says (the image of the flipped twin)."""
+    `flips` says (the image of the flipped twin); returns -1, or the first j whose image does not match
+    its CRC-32 (checked with `verify` the first time this rank reads it: bit 4 of `verified`)."""
     at = 0
     for j in range(row_ids.shape[0]):
         r = row_ids[j]
         source = buffers[shard_of[r]]
         start, h, w = offsets[r], heights[r], widths[r]
+        if verify and not verified[r] & 4:
+            if crc32(source[start: start + h * w * 3], 0) != crcs[r]:
+                return j
+            verified[r] |= 4
         if flips[j]:
             for y in range(h):
                 line = start + y * w * 3
@@ -445,6 +463,7 @@ def _copy_repa_images(buffers, row_ids, shard_of, offsets, heights, widths, flip
         else:
             out[at: at + h * w * 3] = source[start: start + h * w * 3]
         at += h * w * 3
+    return -1
 
 
 def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tuple[dict[str, np.ndarray], list[Path]]:

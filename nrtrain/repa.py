@@ -356,7 +356,7 @@ def _variant_spec(policy: dict) -> str:
 
 def stored_repa_rows(catalogs: list[Catalog], patch_size: int, repa_patch_size: int | None) -> dict[str, np.ndarray]:
     """Where each merged row's stored REPA image is: byte `offset` in the REPA column of its shard,
-    its height `h` and width `w` in pixels, and `nbytes`.
+    its height `h` and width `w` in pixels, `nbytes`, and the `crc` (CRC-32) the writer recorded.
 
     Every catalog must store them, at repa_patch_size / patch_size pixels per latent cell when
     `repa_patch_size` (the REPA encoder's patch size) is given, so that the encoder yields one feature
@@ -368,7 +368,7 @@ def stored_repa_rows(catalogs: list[Catalog], patch_size: int, repa_patch_size: 
                              f"patch size {patch_size}: stored REPA images hold a whole number of pixels per "
                              "latent cell; pick an encoder and patch size that divide")
         wanted = repa_patch_size // patch_size
-    parts = {name: [] for name in ("offset", "h", "w")}
+    parts = {name: [] for name in ("offset", "h", "w", "crc")}
     for cat in catalogs:
         k = cat.manifest.repa_pixels
         if not k or (isinstance(wanted, int) and k != wanted):
@@ -383,6 +383,7 @@ def stored_repa_rows(catalogs: list[Catalog], patch_size: int, repa_patch_size: 
         h = index["latent_h"].to_numpy().astype(np.int64) * k
         w = index["latent_w"].to_numpy().astype(np.int64) * k
         offset = np.empty(len(index), np.int64)
+        crc = np.empty(len(index), np.uint32)
         shard_rows = index["shard_row"].to_numpy()
         names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
         by_shard = np.argsort(shard_of, kind="stable")
@@ -404,7 +405,9 @@ def stored_repa_rows(catalogs: list[Catalog], patch_size: int, repa_patch_size: 
                                             f"bytes, not {int(h[row] * w[row] * 3)}; run `nr catalog validate "
                                             f"{cat.root}`, then re-encode")
             offset[rows] = begin
+            crc[rows] = view.repa_crcs[shard_rows[rows]]
         parts["offset"].append(offset)
+        parts["crc"].append(crc)
         parts["h"].append(h)
         parts["w"].append(w)
     table = {name: np.concatenate(values) for name, values in parts.items()}

@@ -175,3 +175,25 @@ def test_a_catalog_without_repa_images_is_refused_with_the_encode_command(store,
         stored_repa_rows([Catalog(root / "stored")], patch_size=2, repa_patch_size=3)
     with pytest.raises(ValueError, match="repa_images must be"):
         PackedDataset(root / "stored.parquet", repa_images=True)
+
+
+def test_a_damaged_repa_image_stops_the_batch_naming_its_shard_and_key(store, tmp_path):
+    import shutil
+
+    from nrdata.catalog import CorruptLatentError
+
+    root, _ = store
+    copy = tmp_path / "stored"
+    shutil.copytree(root / "stored", copy)
+    row = int(PackedDataset(root / "stored.parquet", repa_images="stored", seed=4).batch(0).row_ids[0])
+    entry = Catalog(copy).index.slice(row, 1).to_pylist()[0]
+    shard = copy / "shards" / entry["shard"]
+    data = bytearray(shard.read_bytes())
+    start = bytes(data).find(Catalog(copy).repa_image(row).tobytes())  # the image's bytes in its shard
+    assert start >= 0
+    data[start] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptLatentError, match=f"{shard}.*key {entry['key']}.*REPA image"):
+        PackedDataset(root / "stored.parquet", catalogs=[copy], repa_images="stored", seed=4)
+    # the latents alone are intact: a run without REPA reads them
+    PackedDataset(root / "stored.parquet", catalogs=[copy], seed=4).batch(0)
