@@ -104,6 +104,19 @@ def test_resolve_backend():
         resolve_backend("flex", "cpu", needs_backward=True)
 
 
+def test_doctor_reports_the_backend_that_training_picks():
+    """nr doctor asks attention.py, the one place that decides, for the dtype precision=auto trains in."""
+    from nrtrain.environment import environment_report
+    from nrtrain.model import NiT, NiTConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shown = next(check.value for check in environment_report() if check.name == "attention backend")
+    model = NiT.from_config(NiTConfig(in_channels=4, patch_size=1, hidden=32, depth=1, heads=2, num_classes=3))
+    picked = model.use_attention(device, dtype, training=True)
+    assert shown.split(" ")[0] == picked == resolve_backend("auto", device.type, dtype)
+
+
 def test_cuda_kernels_refuse_fp32():
     batch = make_pack([(2, 2)])
     q, k, v = (x.detach() for x in make_qkv(4))
