@@ -836,6 +836,134 @@ def catalog_errors(
     console.print(table)
 
 
+class _EvalGroup(typer.core.TyperGroup):
+    """`nr eval SAMPLES --ref REF` runs the `samples` command; `nr eval reference ...` its own."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["samples", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True,
+                       help="FID, sFID, Inception Score, precision and recall as ADM's evaluator computes them: "
+                            "nr eval SAMPLES --ref REF.npz; reference batches at any size: nr eval reference.")
+app.add_typer(eval_app, name="eval")
+InceptionWeights = Annotated[Optional[Path], typer.Option(
+    help="torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth) [default: "
+         "$NR_INCEPTION_WEIGHTS, else torch hub's cache, downloaded there when a network exists].",
+    show_default=False)]
+
+
+def _feature_progress(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console, transient=True)
+
+
+def _load_inception(weights: Optional[Path], device: str):
+    import torch
+
+    from nreval.inception import InceptionUnavailable, load_inception
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return load_inception(weights, device)
+    except InceptionUnavailable as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _rate_updater(bar, task):
+    import time
+
+    started = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, rate=f"{done / (time.perf_counter() - started):.1f} img/s")
+    return update
+
+
+@eval_app.command("samples")
+def eval_samples(
+    samples: Annotated[Path, typer.Argument(help="An nr sample folder, an ADM-style .npz (arr_0 uint8 NHWC) or a "
+                                                 "folder of images (any sizes).", show_default=False)],
+    ref: Annotated[Path, typer.Option(help="Reference batch: ADM's (e.g. VIRTUAL_imagenet256_labeled.npz) or one "
+                                           "made by nr eval reference.", show_default=False)],
+    inception_weights: InceptionWeights = None,
+    batch_size: Annotated[int, typer.Option(help="Images per Inception call (ADM: 64).")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score samples against a reference batch; print the lines ADM's evaluator prints.
+
+    Also writes eval-<REF>.json next to the samples: the numbers, counts, sizes, the weights' sha256
+    and the samples' provenance.
+    """
+    from nreval.evaluate import evaluate
+
+    inception = _load_inception(inception_weights, device)
+    with _feature_progress("eval") as bar:
+        task = bar.add_task("samples", total=None, rate="")
+        try:
+            result = evaluate(samples, ref, inception, batch_size=batch_size, workers=workers,
+                              progress=_rate_updater(bar, task), reference_progress=_rate_updater(bar, task))
+        except ValueError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    console.print("Computing evaluations...")
+    for line in result.lines():
+        console.print(line, highlight=False)
+    console.print(f"wrote {result.json_path}", soft_wrap=True)
+
+
+@eval_app.command("reference")
+def eval_reference(
+    source: Annotated[Path, typer.Argument(help="A catalog folder (its source images) or any folder of images.",
+                                           exists=True, show_default=False)],
+    size: Annotated[str, typer.Option(help="HxW of the reference images, e.g. 256x256 or 432x768 (the area cap "
+                                           "of native, sqrt(H*W) the target of fit).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="The reference .npz to write (a provenance .json goes beside it).",
+                                      show_default=False)],
+    policy: Annotated[str, typer.Option(help="center-crop (ADM's), resize (to exactly HxW), native (NiT) or "
+                                             "fit (FiT).")] = "center-crop",
+    count: Annotated[int, typer.Option(help="Images kept in arr_0 (statistics are over all).")] = 10_000,
+    unit: Annotated[int, typer.Option(help="native and fit: sides are multiples of this (encoder factor x "
+                                           "patch).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the kept subset.")] = 0,
+    inception_weights: InceptionWeights = None,
+    batch_size: Annotated[int, typer.Option(help="Images per Inception call.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Build an ADM-format reference batch at any size: arr_0 (up to COUNT images) and statistics over all."""
+    from nreval.reference_builder import POLICIES, build_reference, parse_size
+
+    try:
+        reference_size = parse_size(size)
+        if policy not in POLICIES:
+            raise ValueError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    inception = _load_inception(inception_weights, device)
+    with _feature_progress("reference") as bar:
+        task = bar.add_task("reference", total=None, rate="")
+        try:
+            summary = build_reference(source, out, size=reference_size, policy=policy, inception=inception,
+                                      count=count, unit=unit, seed=seed, batch_size=batch_size, workers=workers,
+                                      progress=_rate_updater(bar, task))
+        except ValueError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    sizes = ", ".join(f"{n} {name}" for name, n in sorted(summary.sizes.items(), key=lambda kv: -kv[1])[:5])
+    console.print(f"{summary.images} images ({policy}: {sizes}{', ...' if len(summary.sizes) > 5 else ''}); "
+                  f"statistics over all, {summary.kept} kept -> {summary.path} (provenance "
+                  f"{summary.provenance_path})", soft_wrap=True)
+
+
 def main() -> None:
     app()
 
