@@ -76,7 +76,7 @@ class NpzImages:
         return self.shape[0]
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return np.asarray(self.array[index])
+        return np.array(self.array[index])  # a copy: the map is read-only, and torch wants writable memory
 
     def size(self, index: int) -> tuple[int, int]:
         return self.shape[1], self.shape[2]
