@@ -15,6 +15,9 @@ always one that float32 multiplication by s takes back to y. The other way, a fl
 comes back from export and import to within one unit in the last place: multiplying by s < 1
 in float32 sends some neighbouring floats to the same value, which no import can tell apart.
 bfloat16 and float16 latents, imported with their own dtype, come back exactly.
+
+A run trains on the imported latents as NiT does with `normalization = "scalar"`: the model then sees
+z * s again (s from this manifest), where nr's default would normalise each channel by its statistics.
 """
 
 from __future__ import annotations

@@ -109,9 +109,9 @@ def heun(field: Field, x: torch.Tensor, grid: Sequence[float], guidance: str = "
     `guidance` says which time decides whether the corrector's evaluation (at t_next) is guided:
     "corrector" (nr's default) asks the CFG interval about t_next itself; "step-start" (NiT's
     sampler) asks about the step's start t_cur, so predictor and corrector of one step are guided
-    alike. They differ only on steps that cross an edge of the interval (a 10-step run with
-    interval [0, 0.7] changes the final latent by about 0.2%). The field must take `guide_at` for
-    "step-start" (`GuidedField` does)."""
+    alike. They differ only on steps that cross an edge of the interval, whose corrector one rule
+    guides and the other does not. The field must take `guide_at` for "step-start" (`GuidedField`
+    does)."""
     if guidance not in HEUN_GUIDANCE:
         raise ValueError(f"unknown heun guidance {guidance!r}; choose one of {', '.join(HEUN_GUIDANCE)}")
     last = len(grid) - 2
@@ -188,6 +188,7 @@ def sample(model, noise_batch: PackedBatch, labels: torch.Tensor, *, null_class:
     stream="sde")` keeps every image reproducible on its own; a torch.Generator draws for the whole
     pack. `model_dtype` defaults to the dtype of the model's first floating parameter (float32 for a
     plain function).
+    `heun_guidance`: which time decides the guidance of Heun's corrector (see `heun`).
     """
     grid = time_grid(solver, steps, shift)
     field = GuidedField(model, noise_batch, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
