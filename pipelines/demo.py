@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+
 class DemoObserver(Protocol):
     def begin(self, stage: str, total: int | None, completed: int) -> None:
         """A stage with a progress count starts (encode, train, sample)."""
