@@ -94,7 +94,7 @@ class FileImages:
 
     def __getitem__(self, index: int) -> np.ndarray:
         try:
-            return np.asarray(decode_image(self.paths[index]))
+            return np.array(decode_image(self.paths[index]))
         except ImageDecodeError as exc:
             raise ValueError(f"{exc}; remove the file or replace it, then run again") from exc
 
