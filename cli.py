@@ -87,11 +87,11 @@ def doctor() -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("nr-demo"),
-    per_class: Annotated[Optional[int], typer.Option(help="Images per class [default: from catalogs/demo.toml].",
+    per_class: Annotated[Optional[int], typer.Option(help="Images per class \\[default: from catalogs/demo.toml].",
                                                      show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the generated images [default: from catalogs/demo.toml].",
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the generated images \\[default: from catalogs/demo.toml].",
                                                 show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps [default: from configs/demo.toml].",
+    steps: Annotated[Optional[int], typer.Option(help="Training steps \\[default: from configs/demo.toml].",
                                                  show_default=False)] = None,
 ) -> None:
     """The whole journey on built-in data, on a CPU, in a few minutes.
@@ -182,31 +182,31 @@ def encode(
     definition: Annotated[Optional[str], typer.Option(
         help="Catalog definition in catalogs/ (e.g. imagenet1k) or a .toml path; the options below override it.",
         show_default=False)] = None,
-    encoder: Annotated[Optional[str], typer.Option(help=f"Encoder: {ENCODERS_HELP} [default: pixel].",
+    encoder: Annotated[Optional[str], typer.Option(help=f"Encoder: {ENCODERS_HELP} \\[default: pixel].",
                                                    show_default=False)] = None,
     encoder_source: Annotated[Optional[str], typer.Option(
-        help="Hub id or local folder/checkpoint of the encoder [default: the encoder's hub id].",
+        help="Hub id or local folder/checkpoint of the encoder \\[default: the encoder's hub id].",
         show_default=False)] = None,
-    factor: Annotated[Optional[int], typer.Option(help="Pixel encoder only: space-to-depth factor [default: 8].",
+    factor: Annotated[Optional[int], typer.Option(help="Pixel encoder only: space-to-depth factor \\[default: 8].",
                                                   show_default=False)] = None,
     variant: Annotated[Optional[list[str]], typer.Option(
         help="Variant to store (repeatable): native, 256, 512, native:max_area=N, fit:S, center-crop:S "
-             "[default: native].", show_default=False)] = None,
+             "\\[default: native].", show_default=False)] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also store the latent of the mirrored "
-                                                 "image [default: --flip].", show_default=False)] = None,
+                                                 "image \\[default: --flip].", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Stored latent dtype: bfloat16, float16, float32 "
-                                                 "[default: the encoder's].", show_default=False)] = None,
+                                                 "\\[default: the encoder's].", show_default=False)] = None,
     patch_size: Annotated[Optional[int], typer.Option(help="Patch size of the model to train: native sides become "
-                                                           "multiples of factor x patch [default: 1, or the "
+                                                           "multiples of factor x patch \\[default: 1, or the "
                                                            "definition's].", show_default=False)] = None,
     batch_pixels: Annotated[int, typer.Option(help="Most pixels per encoder call (flips included); "
                                                    "lower it if the GPU runs out of memory.")] = 32 * 512 * 512,
     limit: Annotated[Optional[int], typer.Option(help="Encode only this many images, spread over the listing "
                                                       "(a quick trial).", show_default=False)] = None,
     ray_address: Annotated[Optional[str], typer.Option(
-        help="Ray cluster to join ('auto' = the local one) [default: the Ray job's cluster, else an embedded "
+        help="Ray cluster to join ('auto' = the local one) \\[default: the Ray job's cluster, else an embedded "
              "Ray on this machine].", show_default=False)] = None,
-    encoders: Annotated[Optional[int], typer.Option(help="Encoder actors [default: one per GPU, else one].",
+    encoders: Annotated[Optional[int], typer.Option(help="Encoder actors \\[default: one per GPU, else one].",
                                                     show_default=False)] = None,
     max_failure_rate: Annotated[float, typer.Option(help="Stop when more than this fraction of images fails "
                                                          "(checked after 500).")] = 0.05,
@@ -289,7 +289,7 @@ def pack(
     algorithm: Annotated[str, typer.Option(help="lpfhp, spfhp, or bfd (best-fit-decreasing baseline).")] = "lpfhp",
     patch_size: Annotated[int, typer.Option(help="Model patch size: tokens = latent_h*latent_w/patch².")] = 1,
     variant: Annotated[Optional[list[str]], typer.Option(help="Only rows of this variant (repeatable).")] = None,
-    max_images: Annotated[Optional[int], typer.Option(help="Most images per pack [default: unlimited].",
+    max_images: Annotated[Optional[int], typer.Option(help="Most images per pack \\[default: unlimited].",
                                                       show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed; epoch e packs with (seed, e).")] = 0,
     epochs: Annotated[int, typer.Option(help="Epochs to pre-compute, each packed afresh.")] = 1,
@@ -458,7 +458,7 @@ def sample(
     out: Annotated[Path, typer.Option(help="Output folder (PNGs, samples.npz, grid.png, provenance.json).",
                                       show_default=False)],
     size: Annotated[Optional[list[str]], typer.Option(help="HxW in pixels, e.g. 256x256 or 432x768 (repeatable); "
-                                                      "rounded to the unit and logged [default: the preset's].",
+                                                      "rounded to the unit and logged \\[default: the preset's].",
                                                       show_default=False)] = None,
     count: Annotated[Optional[int], typer.Option(help="Samples per size.", show_default=False)] = None,
     classes: Annotated[str, typer.Option(help="'random' or class ids, e.g. 1,207,360.")] = "random",
@@ -470,10 +470,10 @@ def sample(
                                                        show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option(help="A row of NiT's README: nit-256, nit-512, nit-1024, "
                                                        "nit-432x768, ...", show_default=False)] = None,
-    solver: Annotated[Optional[str], typer.Option(help="euler, heun or euler-maruyama [default: euler].",
+    solver: Annotated[Optional[str], typer.Option(help="euler, heun or euler-maruyama \\[default: euler].",
                                                   show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Solver steps [default: 50].", show_default=False)] = None,
-    cfg: Annotated[Optional[float], typer.Option(help="Guidance scale (1 = off) [default: 1].",
+    steps: Annotated[Optional[int], typer.Option(help="Solver steps \\[default: 50].", show_default=False)] = None,
+    cfg: Annotated[Optional[float], typer.Option(help="Guidance scale (1 = off) \\[default: 1].",
                                                  show_default=False)] = None,
     cfg_interval: Annotated[Optional[tuple[float, float]], typer.Option(
         help="Guide only for t in [LOW, HIGH] (t=1 is noise); outside it one model call per step.",
@@ -482,14 +482,14 @@ def sample(
                                                    show_default=False)] = None,
     heun_guidance: Annotated[Optional[str], typer.Option(
         help="heun only: guide the corrector by its own time ('corrector') or by the step's start ('step-start', "
-             "NiT's sampler) [default: step-start with a nit-* preset, else corrector].", show_default=False)] = None,
+             "NiT's sampler) \\[default: step-start with a nit-* preset, else corrector].", show_default=False)] = None,
     rope_extrapolation: Annotated[str, typer.Option(help="For sizes beyond training: none, linear, dynntk, "
                                                          "yarn.")] = "none",
     decouple: Annotated[bool, typer.Option(help="Extrapolate each axis by its own ratio (FiT).")] = False,
     rope_train_size: Annotated[Optional[str], typer.Option(
-        help="HxW in pixels that RoPE extrapolation counts as the training size [default: the largest latent "
+        help="HxW in pixels that RoPE extrapolation counts as the training size \\[default: the largest latent "
              "the checkpoint was trained on].", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Model dtype [default: bfloat16 on GPU, float32 on CPU].",
+    dtype: Annotated[Optional[str], typer.Option(help="Model dtype \\[default: bfloat16 on GPU, float32 on CPU].",
                                                  show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -571,16 +571,16 @@ def export_catalog(
     packs: Annotated[Optional[Path], typer.Option(help="nit only: also write NiT sampler-meta JSON from this "
                                                        "packs file.", show_default=False)] = None,
     prefix: Annotated[Optional[str], typer.Option(help="nit only: name prefix of the data-meta JSONL, sampler meta "
-                                                       "and latent folders [default: the encoder source's name, "
+                                                       "and latent folders \\[default: the encoder source's name, "
                                                        "e.g. dc-ae-f32c32-sana-1.1-diffusers].",
                                                   show_default=False)] = None,
     draw: Annotated[Optional[str], typer.Option(help="fit, lightningdit, fastdit: from stored moments take a "
-                                                     "'sample' or the 'mode' [default: sample].",
+                                                     "'sample' or the 'mode' \\[default: sample].",
                                                 show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the per-row draws.")] = 0,
     flips: Annotated[Optional[str], typer.Option(help="fastdit only: 'random' twin per image or 'none'.",
                                                  show_default=False)] = None,
-    shard_rows: Annotated[Optional[int], typer.Option(help="lightningdit only: rows per shard [default: 10000].",
+    shard_rows: Annotated[Optional[int], typer.Option(help="lightningdit only: rows per shard \\[default: 10000].",
                                                       show_default=False)] = None,
     udit_padding: Annotated[bool, typer.Option(help="fastdit only: one extra file, because U-DiT drops its "
                                                     "last one.")] = True,
@@ -638,7 +638,7 @@ def import_nit_command(
                                                  "per-image safetensors).", exists=True, file_okay=False,
                                             show_default=False)],
     out: Annotated[Path, typer.Option(help="Catalog to create or resume.", show_default=False)],
-    data_meta: Annotated[Optional[Path], typer.Option(help="The JSONL to read [default: found under DIR].",
+    data_meta: Annotated[Optional[Path], typer.Option(help="The JSONL to read \\[default: found under DIR].",
                                                       show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 (NiT's), float16, bfloat16.",
                                                  show_default=False)] = None,
@@ -672,16 +672,16 @@ def import_nit_model_command(
     out: Annotated[Path, typer.Option(help="Run folder to write (new or empty).", show_default=False)],
     encoder: Annotated[str, typer.Option(help="The autoencoder NiT was trained on.")] = "dc-ae-f32c32",
     encoder_source: Annotated[Optional[str], typer.Option(
-        help="Its weights: a hub id or a local folder [default: mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers].",
+        help="Its weights: a hub id or a local folder \\[default: mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers].",
         show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option(help="Check the file holds this size: S, B, L or XL.",
                                                   show_default=False)] = None,
-    scaling_factor: Annotated[Optional[float], typer.Option(help="Latent scale [default: the encoder config's].",
+    scaling_factor: Annotated[Optional[float], typer.Option(help="Latent scale \\[default: the encoder config's].",
                                                             show_default=False)] = None,
     train_size: Annotated[str, typer.Option(help="HxW px RoPE extrapolation starts from when sampling larger "
                                                  "(nr sample --rope-train-size overrides it).")] = "512x512",
     ignore_extra: Annotated[Optional[list[str]], typer.Option(
-        help="Prefix of checkpoint keys to skip (repeatable) [default: projector., NiT's REPA projector].",
+        help="Prefix of checkpoint keys to skip (repeatable) \\[default: projector., NiT's REPA projector].",
         show_default=False)] = None,
 ) -> None:
     """Bring NiT's released weights in as a run folder that nr sample and init_from read.
@@ -850,7 +850,7 @@ eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True,
                             "nr eval SAMPLES --ref REF.npz; reference batches at any size: nr eval reference.")
 app.add_typer(eval_app, name="eval")
 InceptionWeights = Annotated[Optional[Path], typer.Option(
-    help="torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth) [default: "
+    help="torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth) \\[default: "
          "$NR_INCEPTION_WEIGHTS, else torch hub's cache, downloaded there when a network exists].",
     show_default=False)]
 
