@@ -19,6 +19,9 @@ would start after it are skipped and listed, so the whole stays under 8 minutes 
   encode  bench/encode_throughput.measure_encoder: the real-size DC-AE f32c32 architecture (random
           weights), nr's batched encoder path in bf16 against NiT's loop (batch 1, fp32), at 256²
           and native sizes; no Ray.
+  eval    bench/eval_throughput.measure_eval: nr eval's Inception features (torch-fidelity's InceptionV3,
+          random weights) on PNG samples, batched with DataLoader workers against batch-1, images/s; precision/
+          recall over 10,000 x 10,000 rows on the device. Skipped, with the reason, when torch-fidelity is absent.
   tests   pytest on the tests that need CUDA (tests/test_gpu_path.py's test_cuda_*, pinned-memory
           batches): the varlen and flex kernels against the masked reference in bf16, a compiled bf16
           training step with one graph and no graph break. On a CPU only collected.
@@ -69,7 +72,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SECTIONS = ("cli", "tests", "train", "sample", "encode")
+SECTIONS = ("cli", "tests", "train", "sample", "encode", "eval")
 FACTOR = 32  # DC-AE f32
 CHANNELS = 32
 NR = "import sys; from cli import main; sys.argv[0] = 'nr'; main()"  # nr is not pip-installed on the device
@@ -97,19 +100,23 @@ class Plan:
     sample: dict[str, Any] = field(default_factory=dict)
     encode_images: int = 64
     encode_variants: tuple[str, ...] = ("256", "native")
+    # eval: keyword arguments of bench/eval_throughput.measure_eval, and the PNG samples it reads
+    eval_images: int = 512
+    eval: dict[str, Any] = field(default_factory=dict)
 
 
 GPU_PLAN = Plan(
-    budgets={"cli": 140, "tests": 40, "train": 150, "sample": 50, "encode": 40}, real_dcae=True,
+    budgets={"cli": 140, "tests": 40, "train": 120, "sample": 50, "encode": 40, "eval": 30}, real_dcae=True,
     catalog_rows=600, latent_sides=(5, 16), cli_model="B", cli_max_tokens=8192, cli_workers=2,
     sample_sizes=("256x256", "256x512"), sample_count=4, sample_steps=10, sample_dtype="bfloat16", cli_compile=True,
     train=dict(preset="XL", max_tokens=16_384, steps=10, warmup=3, compile_modes=(False, True), precision="bf16",
                rounds=1, compile_estimate_s=45.0),
     sample=dict(preset="XL", sizes=[256, 512], batch=64, steps=50, cfg_scale=4.0, interval=(0.0, 0.7), repeats=2),
     encode_images=64,
+    eval_images=512, eval=dict(batch_size=64, workers=8, baseline_images=64, pr_rows=10_000, fid=False),
 )
 SMOKE_PLAN = Plan(
-    budgets={"cli": 100, "tests": 40, "train": 60, "sample": 20, "encode": 30}, real_dcae=False,
+    budgets={"cli": 100, "tests": 40, "train": 60, "sample": 20, "encode": 30, "eval": 30}, real_dcae=False,
     catalog_rows=24, latent_sides=(2, 5), cli_model="tiny", cli_max_tokens=64, cli_workers=1,
     sample_sizes=("64x64", "64x128"), sample_count=2, sample_steps=4, sample_dtype="bfloat16", cli_compile=False,
     # compile with dynamo's eager backend: the compiled path is traced, recompiles counted, no C++ build
@@ -118,6 +125,7 @@ SMOKE_PLAN = Plan(
                compile_options={"backend": "eager"}),
     sample=dict(preset="tiny", sizes=[64, 128], batch=2, steps=4, cfg_scale=4.0, interval=(0.0, 0.7), repeats=1),
     encode_images=3,
+    eval_images=5, eval=dict(batch_size=4, workers=0, baseline_images=1, pr_rows=None, fid=False),
 )
 
 
@@ -374,6 +382,25 @@ def section_encode(ctx: Context) -> dict:
     return result
 
 
+def section_eval(ctx: Context) -> dict:
+    """images/s of nr eval's Inception features (random weights in torch-fidelity's format), batched
+    against batch-1, and precision/recall on the device. No FID: scipy's sqrtm runs on the CPU."""
+    try:
+        from nreval.inception import write_random_weights
+        write_random_weights(ctx.work / "inception.pth")
+    except (ImportError, RuntimeError) as error:  # torch-fidelity absent, or its Inception unloadable there
+        return {"skipped": [f"eval: torch-fidelity's Inception cannot be loaded ({type(error).__name__}: {error}); "
+                            "carry its wheel: bench/gpu_wheels.sh"]}
+    from eval_throughput import measure_eval, write_samples
+
+    folder = write_samples(ctx.work / "eval-samples", ctx.plan.eval_images)
+    result = measure_eval(ctx.device, ctx.work / "inception.pth", folder, deadline=ctx.deadline, log=ctx.log,
+                          **ctx.plan.eval)
+    if not result["nr_images_s"] > 0:
+        raise SectionFailed("no images/s measured", result)
+    return result
+
+
 # the tests that need CUDA (they skip on a CPU): the varlen/flex kernels against the masked reference,
 # a compiled bf16 training step without graph breaks, pinned-memory batches
 CUDA_TESTS = ("tests/test_gpu_path.py::test_cuda_backends_match_the_masked_reference_in_bf16",
@@ -399,7 +426,7 @@ def section_tests(ctx: Context) -> dict:
 
 SECTION_FUNCTIONS: dict[str, Callable[[Context], dict]] = {
     "cli": section_cli, "train": section_train, "sample": section_sample, "encode": section_encode,
-    "tests": section_tests}
+    "tests": section_tests, "eval": section_eval}
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -409,7 +436,7 @@ def machine(device: torch.device) -> dict:
     props = torch.cuda.get_device_properties(device) if cuda else None
     versions = {}
     for dist in ("numpy", "numba", "pyarrow", "polars", "diffusers", "safetensors", "typer", "huggingface-hub",
-                 "accelerate", "triton", "flash-attn", "ray"):
+                 "accelerate", "triton", "flash-attn", "ray", "torch-fidelity", "scipy"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

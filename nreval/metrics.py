@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 FID_EPS = 1e-6
 IS_SPLIT = 5000
@@ -78,6 +77,8 @@ class RunningMoments:
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = FID_EPS) -> float:
     """|mu1 - mu2|² + tr(sigma1) + tr(sigma2) - 2 tr(sqrt(sigma1 sigma2))."""
+    import scipy.linalg  # here: precision/recall and the features run where scipy is absent (the GPU check)
+
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:

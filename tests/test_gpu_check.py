@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_every_section_passes_and_the_exit_status_says_so(smoke):
     out, process, report = smoke
     failed = {name: s.get("error") for name, s in report["sections"].items() if s["status"] != "passed"}
     assert process.returncode == 0 and not failed, f"{failed}\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}"
-    assert list(report["sections"]) == ["cli", "tests", "train", "sample", "encode"] and report["passed"]
+    assert list(report["sections"]) == ["cli", "tests", "train", "sample", "encode", "eval"] and report["passed"]
     assert report["smoke"] and report["machine"]["torch"] == torch.__version__ and report["machine"]["device"] == "cpu"
     assert "gpu_check.py --smoke" in report["command"]
     for section in report["sections"].values():
@@ -90,6 +91,26 @@ def test_encode_section_measures_nr_against_nits_loop(smoke):
         assert variant["images"] == 3 and variant["nr_images_s"] > 0 and variant["nit_images_s"] > 0
 
 
+def test_eval_section_measures_batched_features_against_batch_1(smoke):
+    result = smoke[2]["sections"]["eval"]["result"]
+    assert result["images"] == 5 and result["nr_images_s"] > 0 and result["baseline_images_s"] > 0
+    assert result["baseline"].startswith("batch-1") and result["max_feature_difference"] < 1e-3
+    assert result["precision_recall_s"] >= 0 and not result["skipped"]
+
+
+def test_eval_section_without_torch_fidelity_is_skipped_with_the_reason(tmp_path):
+    fake = tmp_path / "site" / "torch_fidelity"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed in this test')\n")
+    process = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--sections", "eval",
+                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    section = report["sections"]["eval"]
+    assert process.returncode == 0 and section["status"] == "passed", process.stdout[-2000:]
+    assert len(section["skipped"]) == 1 and "torch-fidelity's Inception cannot be loaded" in section["skipped"][0]
+
+
 def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path):
     # a budget too small for any nr command: cli fails (killed or not started, recorded); sample still
     # measures its first size, skips the second with a note, and passes
@@ -108,12 +129,14 @@ def test_the_gpu_plan_fits_the_functions_it_feeds_and_the_eight_minutes():
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_check import GPU_PLAN, SECTIONS, SMOKE_PLAN
     from sample_throughput import measure_sampling
+    from eval_throughput import measure_eval
     from train_throughput import measure_training
 
     cuda = torch.device("cuda")
     for plan in (GPU_PLAN, SMOKE_PLAN):
         inspect.signature(measure_training).bind(cuda, **plan.train)
         inspect.signature(measure_sampling).bind(cuda, **plan.sample)
+        inspect.signature(measure_eval).bind(cuda, Path("weights.pth"), Path("samples"), **plan.eval)
         assert set(plan.budgets) == set(SECTIONS)
     # budgets stop new variants, not running ones: leave a minute for the last compile and start-up
     assert sum(GPU_PLAN.budgets.values()) <= 7 * 60
