@@ -8,6 +8,9 @@
 #   polars                        catalog scans in nr train (Catalog.scan) and nr catalog
 #   diffusers                     AutoencoderDC for the catalog's encoder, nr sample's decoder and the encode section
 #   importlib-metadata            a Requires-Dist of diffusers that the image does not hold (zipp, its own need, is there)
+#   torch-fidelity                the TF-ported InceptionV3 of nr eval (gpu_check's eval section); pure Python, and
+#                                 nreval imports its Inception module alone, so its torchvision and tqdm are not needed
+# scipy is left behind too (about 35 MiB): only FID's sqrtm needs it, on the CPU, and the eval section times no FID.
 # Ray is left behind on purpose: its wheel alone is larger than the 64 MiB the working tree may weigh,
 # and gpu_check.py needs none of it. polars is 1.31, the last single-wheel release (33 MiB): from 1.34 on
 # its engine ships as polars-runtime-32, 51 MiB for 2.1 alone, which with the rest would nearly fill the
@@ -21,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-WHEELS=(polars==1.31.0 diffusers==0.42.1 importlib-metadata==10.2.0)
+WHEELS=(polars==1.31.0 diffusers==0.42.1 importlib-metadata==10.2.0 torch-fidelity==0.4.0)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64 any)
 
