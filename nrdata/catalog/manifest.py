@@ -2,8 +2,9 @@
 
 `manifest.json` is plain JSON so that a person, jq or any language can read it. Its `fingerprint`
 hashes the fields that decide what latent an image turns into: the encoder (its geometry, stored
-quantity and the content hash of its weights), the dtype, the policies of its variants and the
-flip mode; two catalogs with one fingerprint hold interchangeable latents. Counts, normalisation
+quantity and the content hash of its weights), the dtype, the policies of its variants, the
+flip mode and, when REPA images are stored, their pixels per latent cell; two catalogs with one
+fingerprint hold interchangeable latents. Counts, normalisation
 statistics, paths, where the weights were read from and the code version are recorded but left
 out of the hash: they change as a run goes on, the folder moves or the weights are copied, the
 latents do not.
