@@ -48,11 +48,13 @@ def store(tmp_path_factory):
     and a tiny random ViT of patch 2, which needs 2 px per latent cell with model patch 1."""
     root = tmp_path_factory.mktemp("repa_store")
     images = write_images(root / "images")
-    for name, k in (("stored", REPA_PIXELS), ("plain", 0)):
-        encode(root / name, images, repa_pixels=k)
-        write_pack_result(root / f"{name}.parquet", pack_catalogs([root / name], max_tokens=160, epochs=2, seed=1))
     torch.manual_seed(0)
     vit = save_scripted(TinyViT(patch_size=REPA_PIXELS), root / "vit_p2.pt")
+    # what the encode stores is what this encoder needs: its patch size / the model's (1) per latent cell
+    needed = load_vision_encoder(vit).patch_size // 1
+    for name, k in (("stored", needed), ("plain", 0)):
+        encode(root / name, images, repa_pixels=k)
+        write_pack_result(root / f"{name}.parquet", pack_catalogs([root / name], max_tokens=160, epochs=2, seed=1))
     return root, vit
 
 
