@@ -6,10 +6,10 @@ the same number of DataLoader workers, one pack per batch:
 
 * nr: `nrtrain.loader.PackedLoader` over the catalog's memory-mapped Arrow shards, checking every
   row's CRC-32 the first time the run reads it (its default); nr unchecked: `verify=False`;
-* nr, DataLoader transfer: the same batches (`PackedDataset.batch`) handed over by the DataLoader's
-  own inter-process transfer (each tensor pickled into a shared-memory segment of its own) instead of
-  nr's slot pool (`nrtrain.batch_transfer`): nr's storage format with the stock transfer, which
-  separates what the format gains from what the transfer gains;
+* nr, DataLoader transfer: the same batches (`PackedDataset.batch`, built in a new shared-memory
+  segment each) handed over by the DataLoader's own pickling instead of nr's pool of slots allocated
+  once (`nrtrain.batch_transfer`): nr's storage format with the stock transfer, which separates what
+  the format gains from what the transfer gains;
 * NiT path: NiT's `ImprovedPackedImageNetLatentDataset` + `packed_collate_fn`
   (`nit/data/packed_c2i_data.py`) as its code does it, in our words: one safetensors file per image
   holding `latent` float32 [2, C, h, w] (both flips, as NiT's preprocessing writes them) and
