@@ -364,8 +364,8 @@ def measure(make, first_pass: int, *, cold: bool = False) -> list[dict]:
 
 
 def print_rounds(rounds: list[dict], bytes_per_token: dict[str, int]) -> None:
-    print("MB/s: bytes of one pass's data per second (latents as stored, plus the REPA image the loader hands "
-          "over); first: seconds to the pass's first batch; cpu s: CPU seconds of the loader's processes in the pass")
+    print("MB/s: bytes handed over per second (one twin's latent in the dtype the loader reads it in: bf16 for nr, "
+          "float32 for NiT, whose files hold both twins; plus the REPA image: uint8 for nr, float32 for NiT); first: seconds to the pass's first batch; cpu s: CPU seconds of the loader's processes in the pass")
     print(f"{'round':<7}{'loader':<28}{'pass':>5}{'packs':>7}{'seconds':>9}{'packs/s':>9}{'latents/s':>11}"
           f"{'MB/s':>7}{'first':>7}{'cpu s':>7}")
     for i, measured in enumerate(rounds):
