@@ -29,7 +29,7 @@ from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result  # noq
 from nrtrain.checkpoint import CheckpointMismatchError, load_weights, read_run_info  # noqa: E402
 from nrtrain.loader import PackedDataset  # noqa: E402
 from nrtrain.model import NiT, NiTConfig, load_nit_checkpoint  # noqa: E402
-from nrtrain.normalization import LatentScaling, run_normalization, use_scaling  # noqa: E402
+from nrtrain.normalization import run_normalization, use_scaling  # noqa: E402
 from nrtrain.packed import unpatchify  # noqa: E402
 from nrtrain.sample import LatentDecoder  # noqa: E402
 from nrtrain.sample_plan import SAMPLE_PRESETS  # noqa: E402
@@ -228,6 +228,14 @@ def test_a_run_of_one_mode_refuses_checkpoints_of_the_other(nit, tmp_path):
     write_pack_result(tmp_path / "packs.parquet", pack_catalogs([root], max_tokens=24, epochs=2, seed=0))
     base = dict(packs=str(tmp_path / "packs.parquet"), model="tiny", lr=1e-3, workers=0, log_every=1, ckpt_every=2,
                 ema_decay=0.9, tensorboard=False, init_from=str(nit["run"]))
+    # nr sample --catalog: in scalar mode the catalogs' statistics do not enter, their encoder does
+    from nrtrain.sample import _check_catalogs
+
+    _check_catalogs([root], info["data"], 1, nit["run"])
+    other = latent_catalog(tmp_path / "other", EncoderInfo(**{**info["data"]["encoder"], "name": "test-ae"}), n=4)
+    with pytest.raises(CheckpointMismatchError, match="trained on encoder"):
+        _check_catalogs([other], info["data"], 1, nit["run"])
+
     # NiT's weights learned z * s: a per-channel fine-tune would feed them another scale
     with pytest.raises(CheckpointMismatchError, match=r"scalar normalisation \(z x 0.41407\) but this run uses "
                                                       r"per-channel.*normalization = \"scalar\""):

@@ -14,7 +14,7 @@ from nrtrain.checkpoint import CheckpointMismatchError, data_identity, save_chec
 from nrtrain.model import build_model
 from nrtrain.normalization import LatentScaling, catalog_normalization
 from nrtrain.packed import patchify
-from nrtrain.sample import LatentDecoder, count_evaluations, generate
+from nrtrain.sample import LatentDecoder, SampleSettings, count_evaluations, generate
 from nrtrain.sample_plan import SAMPLE_PRESETS, SampleRequest, parse_size, plan_samples, resolve_sampler
 from nrtrain.transport import ImageNoise, SamplerConfig, noise_pack, sample
 from tests.catalog_factory import POLICIES, make_manifest, make_rows, write_catalog
@@ -372,3 +372,16 @@ def test_rope_train_size_overrides_the_checkpoints_own(run, tmp_path):
     with pytest.raises(ValueError, match="at least one unit"):
         generate(run["checkpoint"], request, tmp_path / "c", rope_extrapolation="linear", rope_train_size=(4, 4),
                  **FAST)
+
+
+def test_settings_as_one_dataclass_or_as_keywords_make_the_same_samples(run, tmp_path):
+    request = SampleRequest(sizes=((16, 16),), count=2, seed=9)
+    generate(run["checkpoint"], request, tmp_path / "object", SampleSettings(**FAST, cfg_scale=2.0))
+    generate(run["checkpoint"], request, tmp_path / "keywords", **FAST, cfg_scale=2.0)
+    for j in range(2):
+        assert np.array_equal(png(tmp_path / "object" / "16x16" / f"{j:06d}.png"),
+                              png(tmp_path / "keywords" / "16x16" / f"{j:06d}.png"))
+    with pytest.raises(TypeError, match="not both"):
+        generate(run["checkpoint"], request, tmp_path / "both", SampleSettings(), steps=2)
+    with pytest.raises(TypeError):
+        generate(run["checkpoint"], request, tmp_path / "typo", stpes=2)
