@@ -149,8 +149,8 @@ def test_sampling_the_imported_run_at_two_sizes_matches_the_explicit_computation
         expected = explicit_samples(nit, tokens, [5, 6], [3, 7], solver="euler", steps=3, cfg_scale=2.0,
                                     cfg_interval=(0.0, 0.6))
         made = np.stack([png(out / folder / f"{j:06d}.png") for j in range(2)])
-        assert made.shape == expected.shape
-        assert np.abs(made.astype(int) - expected.astype(int)).max() <= 1, folder
+        assert made.shape == expected.shape  # the same operations on the CPU: equal to the last bit
+        assert np.array_equal(made, expected), folder
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["normalization"]["convention"] == "z = z_norm / scaling_factor"
     assert provenance["checkpoint"]["imported"]["format"] == "NiT"
@@ -166,7 +166,7 @@ def test_a_nit_preset_samples_the_imported_run(nit, tmp_path):
     expected = explicit_samples(nit, (3, 2), [2], [4], solver=preset.solver, steps=6, cfg_scale=preset.cfg_scale,
                                 cfg_interval=preset.cfg_interval)
     made = png(out / "96x64" / "000000.png")
-    assert made.shape == (96, 64, 3) and np.abs(made.astype(int) - expected[0].astype(int)).max() <= 1
+    assert made.shape == (96, 64, 3) and np.array_equal(made, expected[0])
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["sampler"]["preset"] == "nit-256" and provenance["sampler"]["solver"] == "euler-maruyama"
     assert (out / "samples.npz").is_file() and (out / "grid.png").is_file()
