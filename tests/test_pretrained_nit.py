@@ -221,7 +221,7 @@ def test_each_normalisation_mode_round_trips_through_loader_and_decoder(tmp_path
     assert seen == len(latents)
 
 
-def test_a_run_of_one_mode_refuses_checkpoints_of_the_other(nit, tmp_path):
+def test_the_imported_run_fine_tunes_with_init_from_and_resumes_and_mismatches_are_refused(nit, tmp_path):
     info = read_run_info(nit["run"])
     encoder = EncoderInfo(**info["data"]["encoder"])
     root = latent_catalog(tmp_path / "cat", encoder, info["data"]["encoder_weights"], n=16)
