@@ -15,7 +15,7 @@ architecture and so the cost are the real ones) and measures on this machine:
 Both paths give the same features (checked). `measure_eval(...)` is what bench/gpu_check.py calls.
 
 Usage: .venv/bin/python bench/eval_throughput.py [--images 64] [--baseline-images 16] [--batch-size 64]
-       [--workers 2] [--device auto] [--threads N]
+       [--workers 2] [--pr-rows N] [--no-fid] [--device auto] [--threads N]
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pr-rows", type=int, default=None, help="time precision/recall on this many random rows "
                                                                    "per set (default: the extracted features)")
+    parser.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time one FID (scipy sqrtm of 2048², tens of seconds on a small CPU)")
     add_device_options(parser)
     args = parser.parse_args()
     device = resolve_device(parser, args)
@@ -139,7 +141,7 @@ def main() -> None:
         weights = write_random_weights(work / "inception.pth")
         folder = write_samples(work / "samples", args.images)
         measure_eval(device, weights, folder, batch_size=args.batch_size, workers=args.workers,
-                     baseline_images=args.baseline_images, pr_rows=args.pr_rows)
+                     baseline_images=args.baseline_images, pr_rows=args.pr_rows, fid=args.fid)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,31 @@ def check_weights(reference: Reference, inception: Inception) -> None:
                          f"and features would not compare: load the same weights, or rebuild the reference")
 
 
+@dataclass
+class ReferenceSide:
+    """What the samples are compared with: pool features (precision/recall) and the statistics (FID, sFID)."""
+
+    pool: np.ndarray
+    statistics: GaussianStatistics
+    spatial_statistics: GaussianStatistics
+    statistics_from: str
+
+
+def reference_side(reference: Reference, inception: Inception, *, batch_size: int = 64, workers: int = 0,
+                   progress: Progress | None = None) -> ReferenceSide:
+    """As ADM: precomputed statistics when the file has them, else those of arr_0's features; pool
+    features from the file when nr stored them, else from arr_0."""
+    features = None
+    if reference.pool is None or reference.statistics is None:
+        features = extract_features(reference.images, inception, batch_size=batch_size, workers=workers,
+                                    progress=progress)
+    pool = reference.pool if reference.pool is not None else features.pool
+    if reference.statistics is not None:
+        return ReferenceSide(pool, reference.statistics, reference.spatial_statistics,
+                             "precomputed (mu, sigma, mu_s, sigma_s)")
+    return ReferenceSide(pool, GaussianStatistics.of(features.pool), GaussianStatistics.of(features.spatial), "arr_0")
+
+
 def evaluate(samples_path: str | Path, reference_path: str | Path, inception: Inception, *, batch_size: int = 64,
              workers: int = 0, progress: Progress | None = None,
              reference_progress: Progress | None = None) -> EvalResult:
@@ -66,18 +91,8 @@ def evaluate(samples_path: str | Path, reference_path: str | Path, inception: In
         raise ValueError(f"{samples.path}: {len(samples.images)} image; FID needs at least 2 (ADM scores 50,000)")
     sample_features = extract_features(samples.images, inception, batch_size=batch_size, workers=workers,
                                        progress=progress)
-    reference_pool = reference.pool
-    if reference_pool is None or reference.statistics is None:
-        reference_features = extract_features(reference.images, inception, batch_size=batch_size, workers=workers,
-                                              progress=reference_progress)
-        reference_pool = reference_features.pool
-    if reference.statistics is not None:
-        pool_statistics, spatial_statistics = reference.statistics, reference.spatial_statistics
-        statistics_from = "precomputed (mu, sigma, mu_s, sigma_s)"
-    else:
-        pool_statistics = GaussianStatistics.of(reference_features.pool)
-        spatial_statistics = GaussianStatistics.of(reference_features.spatial)
-        statistics_from = "arr_0"
+    side = reference_side(reference, inception, batch_size=batch_size, workers=workers, progress=reference_progress)
+    reference_pool, pool_statistics, spatial_statistics = side.pool, side.statistics, side.spatial_statistics
     sample_pool = GaussianStatistics.of(sample_features.pool)
     sample_spatial = GaussianStatistics.of(sample_features.spatial)
     device = inception.device
@@ -96,7 +111,7 @@ def evaluate(samples_path: str | Path, reference_path: str | Path, inception: In
         "samples": {"path": str(samples.path.resolve()), "kind": samples.kind, "count": len(samples.images),
                     "sizes": samples.sizes(), "files": samples.files, "provenance": samples.provenance},
         "reference": {"path": str(reference.path.resolve()), "images": reference.count,
-                      "statistics": statistics_from, "pool_features": "precomputed" if reference.pool is not None
+                      "statistics": side.statistics_from, "pool_features": "precomputed" if reference.pool is not None
                       else "arr_0", "provenance": _reference_provenance(reference.path)},
         "inception": {"weights": str(inception.weights_path), "sha256": inception.weights_sha256,
                       "device": str(device)},
