@@ -3,5 +3,6 @@ in PyTorch (torch-fidelity's TF-ported Inception), and reference batches at any 
 
 Modules: `inception` (the feature extractor and its weights), `metrics` (the math), `inputs` (sample
 folders, .npz files and image folders as uint8 images), `features` (batched extraction),
-`reference` (ADM-format reference .npz files, read, written and built), `evaluate` (the whole run).
+`reference` (ADM-format reference .npz files, read and written), `reference_builder` (`nr eval
+reference`: reference batches at any size), `evaluate` (`nr eval`: the whole run).
 """

@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 
 import cli
 from nreval import inception as inception_module
-from nreval.evaluate import evaluate
+from nreval.evaluate import evaluate, reference_side
+from nreval.inputs import NpzImages
+from nreval.metrics import GaussianStatistics
 from nreval.inception import InceptionUnavailable, load_inception, write_random_weights
-from nreval.reference import write_reference
+from nreval.reference import read_reference, write_reference
 
 SIZES = [(40, 56), (48, 48), (40, 56), (56, 40), (48, 48), (40, 56)]
 
@@ -131,6 +133,21 @@ def test_reference_of_mixed_sizes_holds_statistics_and_pool_features_and_its_pro
     provenance = json.loads(reference.with_suffix(".json").read_text())
     assert provenance["images"] == 6 and provenance["kept"] == 4 and provenance["arr_0"] is None
     assert provenance["sizes"] == {"40x56": 3, "48x48": 2, "56x40": 1} and provenance["size"] == "64x64"
+
+
+def test_adm_references_use_their_statistics_when_present_and_arr_0_otherwise(inception, tmp_path):
+    images = np.random.default_rng(3).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", arr_0=images)
+    plain = reference_side(read_reference(tmp_path / "plain.npz"), inception, batch_size=3)
+    assert plain.statistics_from == "arr_0" and plain.pool.shape == (4, 2048)
+    assert np.array_equal(plain.statistics.mu, GaussianStatistics.of(plain.pool).mu)
+    assert plain.spatial_statistics.sigma.shape == (2023, 2023)
+    # with ADM's four statistics: those are used, and arr_0 gives only the pool features
+    mu, mu_s = np.arange(2048, dtype=np.float64), np.ones(2023)
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=np.eye(2048), mu_s=mu_s, sigma_s=np.eye(2023))
+    adm = reference_side(read_reference(tmp_path / "adm.npz"), inception, batch_size=4)
+    assert adm.statistics_from.startswith("precomputed") and np.allclose(adm.pool, plain.pool, atol=1e-5)
+    assert np.array_equal(adm.statistics.mu, mu) and np.array_equal(adm.spatial_statistics.mu, mu_s)
 
 
 def test_a_reference_made_with_other_weights_is_refused_before_any_work(inception, image_folder, tmp_path):
