@@ -29,8 +29,8 @@ from nrtrain.transport import FlowMatchingLoss
 from nrtrain.transport.cfg import GuidedField
 from nrtrain.train import (NonFiniteLossError, TrainConfig, autocast_for, precision_dtype, read_metrics, train,
                            train_step)
-from tests.catalog_factory import make_manifest, make_rows, write_catalog
-from tests.test_sample import pixel_catalog
+from catalog_factory import make_manifest, make_rows, write_catalog
+from test_sample import pixel_catalog
 
 runner = CliRunner()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.py runs it on a GPU)")

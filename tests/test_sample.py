@@ -17,7 +17,7 @@ from nrtrain.packed import patchify
 from nrtrain.sample import LatentDecoder, SampleSettings, count_evaluations, generate
 from nrtrain.sample_plan import SAMPLE_PRESETS, SampleRequest, parse_size, plan_samples, resolve_sampler
 from nrtrain.transport import ImageNoise, SamplerConfig, noise_pack, sample
-from tests.catalog_factory import POLICIES, make_manifest, make_rows, write_catalog
+from catalog_factory import POLICIES, make_manifest, make_rows, write_catalog
 
 FACTOR, PATCH, CLASSES = 4, 2, 5  # one token = 8x8 pixels; 48 latent channels, 192 per token
 UNIT = FACTOR * PATCH
@@ -287,7 +287,7 @@ def test_kl_vae_checkpoints_decode_their_plain_latents_with_the_catalogs_statist
     diffusers = pytest.importorskip("diffusers")
     from nrdata.encoders import load_encoder
     from nrtrain.checkpoint import load_model
-    from tests.vae_factory import KL_CONFIG
+    from vae_factory import KL_CONFIG
 
     torch.manual_seed(0)
     diffusers.AutoencoderKL(**KL_CONFIG).save_pretrained(tmp_path / "kl")
