@@ -36,6 +36,8 @@ class _IndexedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
         pixels = np.ascontiguousarray(self.images[index])
+        if not pixels.flags.writeable:  # a view of a decoded PIL image: torch wants memory it may write
+            pixels = pixels.copy()
         return index, torch.from_numpy(pixels).permute(2, 0, 1)
 
 

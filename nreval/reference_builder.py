@@ -86,8 +86,8 @@ def apply_policy(image: Image.Image, policy: str, size: tuple[int, int], unit: i
         return cover_crop(image, size)
     height, width = policy_size(policy, image.width, image.height, size, unit)
     if (width, height) == image.size:
-        return np.array(image)
-    return np.array(resize_to(image, (width, height)))
+        return np.asarray(image)
+    return np.asarray(resize_to(image, (width, height)))
 
 
 class PolicyImages:
