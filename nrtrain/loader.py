@@ -175,8 +175,7 @@ class PackedDataset(IterableDataset):
         self.digest = _packs_digest(table)
         self._codes = np.array([DTYPE_CODES[c.manifest.dtype] for c in opened], np.int64)
         self._moments = np.array([c.manifest.encoder.quantity == "moments" for c in opened])
-        self._mean = np.asarray(self.normalization.mean, np.float32)
-        self._inv_std = (1.0 / np.asarray(self.normalization.std, np.float64)).astype(np.float32)
+        self.set_normalization(self.normalization)
         self._rows, self._shard_paths = _row_table(opened, self.patch_size, self._moments)
         self._catalog_starts = np.cumsum([0] + [len(c) for c in opened])
         self.verify = bool(verify)
@@ -206,6 +205,14 @@ class PackedDataset(IterableDataset):
                                            self.token_dim, self._most_repa_bytes())[1]
         if self.num_steps:  # loads the compiled kernels now, before any worker forks
             self.batch(0)
+
+    def set_normalization(self, stats) -> None:
+        """Normalise with `stats` (anything with per-channel `mean` and `std`, e.g. a scalar run's
+        LatentScaling) in place of the catalogs' pooled statistics. Call before iterating: workers
+        take the vectors with them when they start."""
+        self.normalization = stats
+        self._mean = np.asarray(stats.mean, np.float32)
+        self._inv_std = (1.0 / np.asarray(stats.std, np.float64)).astype(np.float32)
 
     def _bounded(self, epochs: int | None, steps: int | None) -> int:
         if epochs is not None and epochs < 1 or steps is not None and steps < 0:

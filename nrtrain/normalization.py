@@ -161,11 +161,3 @@ def run_normalization(catalogs: Sequence[Catalog], mode: str = "per-channel",
                              f"scaling_factor in the config")
         scaling_factor = recorded.pop()
     return LatentScaling.scalar(scaling_factor, channels.pop())
-
-
-def use_scaling(dataset, scaling: LatentScaling) -> None:
-    """Make a `PackedDataset` normalise with `scaling` in place of its catalogs' pooled statistics.
-    Call before iterating: workers take the vectors with them when they start."""
-    dataset.normalization = scaling
-    dataset._mean = np.asarray(scaling.mean, np.float32)
-    dataset._inv_std = (1.0 / np.asarray(scaling.std, np.float64)).astype(np.float32)

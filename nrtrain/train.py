@@ -35,7 +35,7 @@ from nrtrain.distributed import Distributed, setup_distributed
 from nrtrain.flops import model_flops
 from nrtrain.loader import PackedLoader
 from nrtrain.model import build_model
-from nrtrain.normalization import run_normalization, use_scaling
+from nrtrain.normalization import run_normalization
 from nrtrain.packed import PackedBatch
 from nrtrain.pretrained import inherited_model_fields, init_weights
 from nrtrain.repa import load_vision_encoder, repa_targets
@@ -245,7 +245,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     catalogs = dataset.catalogs
     scaling = run_normalization(catalogs, config.normalization, config.scaling_factor)
     if scaling.mode == "scalar":
-        use_scaling(dataset, scaling)
+        dataset.set_normalization(scaling)
     identity = data_identity(catalogs, scaling, dataset.patch_size)
     # unlabelled rows (label -1) train as the null class, so an unlabelled catalog trains unconditionally;
     # a fine-tune keeps the class count of the weights it starts from

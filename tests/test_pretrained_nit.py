@@ -29,7 +29,7 @@ from nrdata.packing.catalog_packs import pack_catalogs, write_pack_result  # noq
 from nrtrain.checkpoint import CheckpointMismatchError, load_weights, read_run_info  # noqa: E402
 from nrtrain.loader import PackedDataset  # noqa: E402
 from nrtrain.model import NiT, NiTConfig, load_nit_checkpoint  # noqa: E402
-from nrtrain.normalization import run_normalization, use_scaling  # noqa: E402
+from nrtrain.normalization import run_normalization  # noqa: E402
 from nrtrain.packed import unpatchify  # noqa: E402
 from nrtrain.sample import LatentDecoder  # noqa: E402
 from nrtrain.sample_plan import SAMPLE_PRESETS  # noqa: E402
@@ -199,7 +199,7 @@ def test_each_normalisation_mode_round_trips_through_loader_and_decoder(tmp_path
     catalog = Catalog(root)
     scaling = run_normalization([catalog], mode)
     dataset = PackedDataset(tmp_path / "packs.parquet", patch_size=1)
-    use_scaling(dataset, scaling)
+    dataset.set_normalization(scaling)
     decoder = LatentDecoder(type("Enc", (), {"info": encoder})(), scaling, 1)
     latents = {row["row_id"]: row for row in catalog.scan().collect().iter_rows(named=True)}
     seen = 0
