@@ -717,7 +717,7 @@ def catalog_info(path: CatalogPath) -> None:
     facts = describe(_open_catalog(path))
     table = Table(show_header=False, box=None, title=f"catalog {facts['path']}", title_justify="left")
     for key in ("fingerprint", "content_fingerprint", "encoder", "encoder_weights", "factor", "channels", "stored_quantity", "dtype",
-                "flip", "normalization", "source_root", "code_version", "created"):
+                "flip", "normalization", "repa_images", "source_root", "code_version", "created"):
         table.add_row(key.replace("_", " "), str(facts[key]))
     for policy in facts["policies"]:
         params = ", ".join(f"{k}={v}" for k, v in policy.items() if k not in ("variant", "kind") and v is not None)

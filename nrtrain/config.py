@@ -43,7 +43,9 @@ class TrainConfig:
     repa_weight: float = 1.0
     repa_hidden: int = 2048  # projector width (NiT-S: 768)
     repa_normalization: str = "imagenet"  # input mean/std the encoder expects: imagenet, clip, none (RADIO)
-    repa_image_root: str | None = None  # the source images, when not at the catalogs' source_root
+    # REPA reads the images `nr encode --repa-pixels` stored; setting repa_image_root instead decodes the
+    # source images under it at every step (the slow path, for catalogs encoded without them)
+    repa_image_root: str | None = None
     # optimisation (NiT-XL: lr 1e-4 for 8 packs of 16384 tokens per step)
     steps: int = 1000
     lr: float = 1e-4

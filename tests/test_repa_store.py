@@ -64,6 +64,9 @@ def test_encode_stores_each_latents_repa_image_at_k_pixels_per_cell(store):
     plain = Catalog(root / "plain")
     assert cat.manifest.repa_pixels == REPA_PIXELS and plain.manifest.repa_pixels == 0
     assert "repa_pixels" not in json.loads((root / "plain" / "manifest.json").read_text())
+    from nrdata.catalog.inspect import describe  # what `nr catalog info` shows
+    assert describe(cat)["repa_images"].startswith(f"stored, {REPA_PIXELS} px per latent cell")
+    assert describe(plain)["repa_images"].startswith("none")
     assert cat.manifest.fingerprint != plain.manifest.fingerprint  # the fingerprint covers it
     policies = {p.variant: p for p in (parse_policy(s, unit=FACTOR) for s in POLICIES)}
     index = cat.index.to_pylist()

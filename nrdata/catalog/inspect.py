@@ -54,6 +54,8 @@ def describe(cat: Catalog) -> dict:
         "policies": list(m.policies),
         "normalization": (f"{m.normalization.convention}; mean/std over {m.normalization.count:,} latent pixels"
                           if m.normalization.ready else "not computed yet"),
+        "repa_images": (f"stored, {m.repa_pixels} px per latent cell (nr encode --repa-pixels)" if m.repa_pixels
+                        else "none (REPA training needs them, or repa_image_root to decode sources per step)"),
         "source_root": m.source_root,
         "code_version": m.code_version,
         "created": m.created,
