@@ -98,12 +98,11 @@ def normalization_record(normalization) -> dict[str, Any]:
 
 def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
     """Refuse data whose latents mean something else than what the checkpoint was trained on."""
-    for key, label in (("encoder", "encoder"), ("patch_size", "patch size")):
-        if saved.get(key) != current.get(key):
-            raise CheckpointMismatchError(
-                f"{where}: trained on {label} {saved.get(key)} but the data now has {current.get(key)}; "
-                "use catalogs encoded the same way, or start a new run")
-    check_encoder_weights(saved, current, where=where)
+    check_encoder(saved, current, where=where)
+    if saved.get("patch_size") != current.get("patch_size"):
+        raise CheckpointMismatchError(
+            f"{where}: trained on patch size {saved.get('patch_size')} but the data now has "
+            f"{current.get('patch_size')}; use packs made for that patch size, or start a new run")
     check_normalization_mode(saved["normalization"], current["normalization"], where=where)
     if saved["normalization"].get("mode", "per-channel") == "scalar":
         return  # the factor decides; the catalogs' statistics play no part
@@ -115,6 +114,26 @@ def check_data_identity(saved: dict[str, Any], current: dict[str, Any], *, where
             f"{where}: the catalogs' normalisation (mean/std per channel) differs from the one the model was "
             "trained with; the model would see latents on another scale. Use the same catalogs (or re-pack "
             "them as they were), or start a new run")
+
+
+# what a latent means; the source (a hub id or a local copy) and revision are where the weights were
+# read from, and the weights' content hash says whether they are the same weights
+LATENT_FIELDS = ("name", "factor", "channels", "quantity")
+
+
+def check_encoder(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
+    """The same kind of latent from the same weights. Without a weights hash on both sides (catalogs
+    of manifest schema 1) the weights' source must match too."""
+    encoder_a, encoder_b = saved.get("encoder") or {}, current.get("encoder") or {}
+    fields = LATENT_FIELDS
+    if not (saved.get("encoder_weights") and current.get("encoder_weights")):
+        fields += ("source",)
+    for key in fields:
+        if encoder_a.get(key) != encoder_b.get(key):
+            raise CheckpointMismatchError(
+                f"{where}: trained on latents of encoder {key} {encoder_a.get(key)!r} but the data has "
+                f"{encoder_b.get(key)!r}; use catalogs encoded the same way, or start a new run")
+    check_encoder_weights(saved, current, where=where)
 
 
 def check_encoder_weights(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from nrdata.version import code_version
-from nrtrain.checkpoint import (CheckpointMismatchError, LoadReport, check_encoder_weights, check_normalization_mode,
+from nrtrain.checkpoint import (CheckpointMismatchError, LoadReport, check_encoder, check_normalization_mode,
                                 file_sha256, load_state, load_weights, resolve_checkpoint, save_checkpoint,
                                 verify_checkpoint, weights_file)
 from nrtrain.model import PRESETS, NiT, NiTConfig, read_state_dict
@@ -172,16 +172,10 @@ def init_weights(model: NiT, ema: NiT, source: str | Path, identity: dict[str, A
         raise CheckpointMismatchError(f"{where}: its model differs from this config's: {'; '.join(differ)}. Set "
                                       f"model, mlp and num_classes to match it (NiT-XL: model = \"XL\", "
                                       f"num_classes = 1000)")
-    saved_encoder, encoder = saved_data.get("encoder", {}), identity["encoder"]
-    for key in ("name", "factor", "channels", "quantity"):
-        if saved_encoder.get(key) != encoder.get(key):
-            raise CheckpointMismatchError(f"{where}: trained on latents of encoder {key} {saved_encoder.get(key)!r} "
-                                          f"but the catalogs have {encoder.get(key)!r}; use catalogs encoded the "
-                                          "same way")
+    check_encoder(saved_data, identity, where=where)
     if saved_data.get("patch_size") != identity["patch_size"]:
         raise CheckpointMismatchError(f"{where}: patch size {saved_data.get('patch_size')} there, "
                                       f"{identity['patch_size']} here")
-    check_encoder_weights(saved_data, identity, where=where)
     check_normalization_mode(saved_data["normalization"], identity["normalization"], where=where)
     with_projector = model.projector is not None
     state = load_weights(folder, ema=True)

@@ -233,8 +233,12 @@ def test_the_imported_run_fine_tunes_with_init_from_and_resumes_and_mismatches_a
 
     _check_catalogs([root], info["data"], 1, nit["run"])
     other = latent_catalog(tmp_path / "other", EncoderInfo(**{**info["data"]["encoder"], "name": "test-ae"}), n=4)
-    with pytest.raises(CheckpointMismatchError, match="trained on encoder"):
+    with pytest.raises(CheckpointMismatchError, match="trained on latents of encoder name 'dc-ae-f32c32'"):
         _check_catalogs([other], info["data"], 1, nit["run"])
+    # the same weights read from elsewhere (a hub id at import, a local copy at encode) are the same latents
+    moved = latent_catalog(tmp_path / "moved", EncoderInfo(**{**info["data"]["encoder"], "source": "/elsewhere"}),
+                           info["data"]["encoder_weights"], n=4)
+    _check_catalogs([moved], info["data"], 1, nit["run"])
 
     # NiT's weights learned z * s: a per-channel fine-tune would feed them another scale
     with pytest.raises(CheckpointMismatchError, match=r"scalar normalisation \(z x 0.41407\) but this run uses "
