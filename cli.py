@@ -889,9 +889,11 @@ def _rate_updater(bar, task):
 @eval_app.command("samples")
 def eval_samples(
     samples: Annotated[Path, typer.Argument(help="An nr sample folder, an ADM-style .npz (arr_0 uint8 NHWC) or a "
-                                                 "folder of images (any sizes).", show_default=False)],
+                                                 "folder of images (any sizes).", exists=True,
+                                     show_default=False)],
     ref: Annotated[Path, typer.Option(help="Reference batch: ADM's (e.g. VIRTUAL_imagenet256_labeled.npz) or one "
-                                           "made by nr eval reference.", show_default=False)],
+                                           "made by nr eval reference.", exists=True, dir_okay=False,
+                                      show_default=False)],
     inception_weights: InceptionWeights = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception call (ADM: 64).")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 4,

@@ -162,16 +162,23 @@ def test_cli_refuses_wrong_arguments_with_the_reason(weights, image_folder, tmp_
     runner = CliRunner()
     missing_ref = runner.invoke(cli.app, ["eval", str(image_folder)])
     assert missing_ref.exit_code == 2 and "--ref" in missing_ref.output
-    no_samples = runner.invoke(cli.app, ["eval", str(tmp_path / "nothing"), "--ref", str(tmp_path / "r.npz"),
-                                         "--inception-weights", str(weights)])
-    assert no_samples.exit_code == 2 and "no such file or folder" in no_samples.output
+    # paths are checked before the Inception weights are looked for (or downloaded)
+    (tmp_path / "some-ref.npz").write_bytes(b"")
+    no_samples = runner.invoke(cli.app, ["eval", str(tmp_path / "nothing"), "--ref", str(tmp_path / "some-ref.npz")])
+    def flat(output: str) -> str:  # rich wraps the message inside a box at the terminal's width
+        return " ".join(output.replace("│", " ").split())
+
+    assert no_samples.exit_code == 2 and "Invalid value for 'samples'" in flat(no_samples.output)
+    assert "does not exist" in flat(no_samples.output) and "Inception" not in no_samples.output
+    no_ref = runner.invoke(cli.app, ["eval", str(image_folder), "--ref", str(tmp_path / "r.npz")])
+    assert no_ref.exit_code == 2 and "Invalid value for '--ref'" in flat(no_ref.output)
     bad_size = runner.invoke(cli.app, ["eval", "reference", str(image_folder), "--size", "64by64", "--out",
                                        str(tmp_path / "r.npz")])
     assert bad_size.exit_code == 2 and "expected HxW" in bad_size.output
     bad_policy = runner.invoke(cli.app, ["eval", "reference", str(image_folder), "--size", "64x64", "--policy", "crop",
                                          "--out", str(tmp_path / "r.npz")])
     assert bad_policy.exit_code == 2 and "choose one of center-crop, resize, native, fit" in bad_policy.output
-    bad_weights = runner.invoke(cli.app, ["eval", str(image_folder), "--ref", str(tmp_path / "r.npz"),
+    bad_weights = runner.invoke(cli.app, ["eval", str(image_folder), "--ref", str(tmp_path / "some-ref.npz"),
                                           "--inception-weights", str(tmp_path / "none.pth")])
     assert bad_weights.exit_code == 2 and "none.pth, which is not a file" in bad_weights.output
     assert not (tmp_path / "r.npz").exists()
