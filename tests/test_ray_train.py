@@ -49,7 +49,7 @@ def test_a_worker_failure_is_one_error_line_from_the_cli(tmp_path, cluster):
     (tmp_path / "packs.parquet").write_text("not a parquet file\n")
     result = CliRunner().invoke(app, ["train", "--packs", str(tmp_path / "packs.parquet"), "--out",
                                       str(tmp_path / "run"), "--model", "tiny", "--steps", "2",
-                                      "--set", "workers=0", "--ray-workers", "1"])
+                                      "--set", "workers=0", "--set", "tensorboard=false", "--ray-workers", "1"])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Parquet" in lines[0], result.output
