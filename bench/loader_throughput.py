@@ -155,7 +155,8 @@ class NitDataset(Dataset):
             image = Image.open(self.image_files[row]).convert("RGB").resize((w * 16, h * 16),
                                                                             Image.Resampling.BICUBIC)
             both = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]  # NiT builds both, keeps one
-            pair = torch.stack([torch.from_numpy(np.asarray(i)).permute(2, 0, 1).float().div(255) for i in both])
+            # a writable copy of each image, as torchvision's to_tensor makes (NiT's transforms)
+            pair = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1).float().div(255) for i in both])
             item["image"] = pair.sub_(0.5).div_(0.5)[twin]
         return item
 
