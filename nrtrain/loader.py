@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nrdata.catalog import Catalog, CatalogIntegrityError, Normalization, layout
 from nrdata.catalog.checksum import crc32, crc32_combine_gen, crc32_combine_op
-from nrdata.catalog.reader import CorruptLatentError, ShardView
+from nrdata.catalog.reader import CorruptLatentError, ShardView, rows_by_shard
 from nrdata.packing.catalog_packs import open_packs
 from nrdata.packing.packs_file import packs_info
 from nrdata.packing.ranks import balance_ranks
@@ -488,7 +488,7 @@ def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tupl
     paths = []
     for number, cat in enumerate(catalogs):
         index = cat.index
-        names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
+        names, shard_of, shard_rows_of = rows_by_shard(index)
         shard_rows = index["shard_row"].to_numpy()
         h, w = index["latent_h"].to_numpy().astype(np.int32), index["latent_w"].to_numpy().astype(np.int32)
         flip = index["flip"].to_numpy(zero_copy_only=False).astype(bool)
@@ -500,12 +500,9 @@ def _row_table(catalogs: list[Catalog], patch: int, moments: np.ndarray) -> tupl
         # the operator that chains a twin's CRC after its latent's depends on the length only
         lengths, which = np.unique(nbytes, return_inverse=True)
         ops = np.array([crc32_combine_gen(int(n)) for n in lengths], np.uint32)[which]
-        by_shard = np.argsort(shard_of, kind="stable")
-        bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
-        for s, name in enumerate(names.tolist()):
+        for name, rows in zip(names, shard_rows_of):
             path = cat.root / layout.SHARD_DIR / name
             view = ShardView(path)
-            rows = by_shard[bounds[s]: bounds[s + 1]]
             offset[rows] = _byte_ranges(cat, path, view, rows, shard_rows[rows], nbytes[rows], flip[rows])
             if view.half_crcs is not None:
                 crc[rows] = _half_crcs(cat, path, view, rows, shard_rows[rows], ops[rows], flip[rows], chained[rows])

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from nrdata.catalog import Catalog, CatalogIntegrityError, layout
-from nrdata.catalog.reader import ShardView
+from nrdata.catalog.reader import ShardView, rows_by_shard
 from nrdata.images import ImageDecodeError, decode_image
 from nrdata.policies import NATIVE_MAX_AREA, ResolutionPolicy
 from nrdata.repa_images import resize_pixels
@@ -385,13 +385,10 @@ def stored_repa_rows(catalogs: list[Catalog], patch_size: int, repa_patch_size: 
         offset = np.empty(len(index), np.int64)
         crc = np.empty(len(index), np.uint32)
         shard_rows = index["shard_row"].to_numpy()
-        names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
-        by_shard = np.argsort(shard_of, kind="stable")
-        bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
-        for s, name in enumerate(names.tolist()):
+        names, _, shard_rows_of = rows_by_shard(index)
+        for name, rows in zip(names, shard_rows_of):
             path = cat.root / layout.SHARD_DIR / name
             view = ShardView(path)
-            rows = by_shard[bounds[s]: bounds[s + 1]]
             if view.repa is None:
                 raise CatalogIntegrityError(f"shard {path} holds no REPA images though {cat.root}'s manifest says "
                                             f"they are stored; run `nr catalog validate {cat.root}`, then re-encode")

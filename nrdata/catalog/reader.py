@@ -216,6 +216,15 @@ def normalization_problem(root: Path, manifest: Manifest, stats: ChannelStats, o
     return None
 
 
+def rows_by_shard(index: pa.Table) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """The shard files an index's rows live in (sorted names), each row's position in that list, and
+    for each shard its rows in index order: the grouping that lets a reader open every shard once."""
+    names, shard_of = np.unique(index["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
+    by_shard = np.argsort(shard_of, kind="stable")
+    bounds = np.searchsorted(shard_of[by_shard], np.arange(len(names) + 1))
+    return names.tolist(), shard_of, [by_shard[bounds[s]: bounds[s + 1]] for s in range(len(names))]
+
+
 def _binary_view(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, data) of a large_binary column as numpy views of its Arrow buffers."""
     _, offsets, data = column.buffers()
